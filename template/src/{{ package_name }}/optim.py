@@ -1,0 +1,23 @@
+"""Optimizer and learning-rate schedule from the config."""
+
+import torch
+from omegaconf import DictConfig
+from transformers import get_scheduler
+
+from .config import OptimizerName
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (the usual transformers recipe).
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == OptimizerName.sgd:
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    optimizer_class = {OptimizerName.adamw: torch.optim.AdamW, OptimizerName.adam: torch.optim.Adam}[cfg.name]
+    return optimizer_class(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, max_steps: int):
+    """A schedule over optimizer steps (the loop steps it once per optimizer step)."""
+    return get_scheduler(cfg.name.value, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)

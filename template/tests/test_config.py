@@ -1,0 +1,91 @@
+"""Bad config values fail before any compute: the key, the bad value and what is allowed are named."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import PROJECT_ROOT
+
+
+@pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("optimizer.name=adamx", "[adamw, adam, sgd]"),
+        ("trainer.mixed_precision=fp8", "[no, fp16, bf16]"),
+        ("scheduler.name=cosin", "[constant, constant_with_warmup, linear, cosine]"),
+        ("checkpoint.keep=all", "[latest, best, top_k]"),
+        ("checkpoint.mode=maximum", "[min, max]"),
+        ("trainer.log_with=tensorbord", "[tensorboard, wandb, mlflow, aim, none]"),
+    ],
+)
+def test_bad_choice_fails_at_compose_with_key_and_allowed_values(make_config, override, allowed):
+    key, bad = override.split("=")
+    with pytest.raises(Exception) as error:
+        make_config(override)
+    message = f"{error.value} {error.value.__cause__}"
+    assert f"Invalid value '{bad}', expected one of {allowed}" in message
+    assert key in message
+
+
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        ("optimizer.lr=0", "optimizer.lr=0.0 is out of range: it must be > 0"),
+        ("optimizer.lr=-1e-3", "optimizer.lr=-0.001 is out of range: it must be > 0"),
+        ("data.batch_size=0", "data.batch_size=0 is out of range: it must be >= 1"),
+        (
+            "trainer.gradient_accumulation_steps=0",
+            "trainer.gradient_accumulation_steps=0 is out of range: it must be >= 1",
+        ),
+        ("trainer.max_steps=0", "trainer.max_steps=0 is out of range: it must be >= 1"),
+    ],
+)
+def test_nonsense_number_fails_validation_naming_key_and_range(pkg, make_config, override, problem):
+    with pytest.raises(pkg.config.ConfigError) as error:
+        pkg.config.validate(make_config(override))
+    assert problem in str(error.value)
+
+
+def test_all_problems_are_reported_at_once(pkg, make_config):
+    with pytest.raises(pkg.config.ConfigError) as error:
+        pkg.config.validate(make_config("optimizer.lr=0", "data.batch_size=0"))
+    assert "optimizer.lr" in str(error.value) and "data.batch_size" in str(error.value)
+
+
+def test_data_needs_exactly_one_source(pkg, make_config):
+    with pytest.raises(pkg.config.ConfigError, match="exactly one of data.name"):
+        pkg.config.validate(make_config("data=files", "data.name=wordfreq_langid"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where there is a GPU")
+def test_fp16_without_gpu_fails_at_config_time(pkg, make_config):
+    with pytest.raises(pkg.config.ConfigError, match="trainer.mixed_precision=fp16 needs a CUDA GPU"):
+        pkg.config.validate(make_config("trainer.mixed_precision=fp16"))
+
+
+def test_default_config_is_valid(pkg, make_config):
+    pkg.config.validate(make_config())
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.name=adamx", "Invalid value 'adamx', expected one of [adamw, adam, sgd]"),
+        ("trainer.gradient_accumulation_steps=0", "trainer.gradient_accumulation_steps=0 is out of range"),
+    ],
+)
+def test_command_line_rejects_bad_value_and_writes_no_run_folder(tmp_path, override, expected):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    done = subprocess.run(
+        [sys.executable, "train.py", override, f"hydra.run.dir={run_dir}"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode != 0
+    assert expected in done.stderr
+    assert not run_dir.exists()
