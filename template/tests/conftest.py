@@ -40,31 +40,17 @@ def fresh_accelerator_state():
     GradientState._reset_state()
 
 
-@pytest.fixture(scope="session")
-def pkg():
-    """The project's package modules (tests stay free of the package name)."""
-    names = ["checkpoints", "config", "data", "loop", "model"]
-    return SimpleNamespace(**{name: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
-
-
-@pytest.fixture(scope="session")
-def make_config(pkg):
+def compose_config(*overrides: str):
     """Compose the project's real Hydra config (configs/train.yaml) with command-line style overrides."""
-    pkg.config.register_configs()
-
-    def compose_train(*overrides: str):
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-            return compose(config_name="train", overrides=list(overrides))
-
-    return compose_train
+    importlib.import_module(f"{PACKAGE}.config").register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return compose(config_name="train", overrides=list(overrides))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def save_tiny_model(folder: Path) -> Path:
     """A tiny BERT and byte-level tokenizer saved with save_pretrained: loading it is the real hub path."""
     from transformers import AutoModelForSequenceClassification, BertConfig, ByT5Tokenizer
 
-    folder = tmp_path_factory.mktemp("tiny_model")
     tokenizer = ByT5Tokenizer(extra_ids=0)
     config = BertConfig(
         vocab_size=len(tokenizer),
@@ -83,27 +69,24 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def toy_csv(tmp_path_factory):
-    """32 short strings; label 1 when the string holds more vowels than consonants (a rule, not noise)."""
+def write_toy_csv(path: Path) -> Path:
+    """32 short strings; label 1 when the string is mostly vowels (a rule, not noise)."""
     rng = random.Random(0)
     rows = []
     for i in range(32):
         label = i % 2
         letters = "aeiou" * 3 + "bcdfg" if label else "bcdfgklmnp" * 2 + "ae"
         rows.append(("".join(rng.choice(letters) for _ in range(rng.randint(5, 12))), label))
-    path = tmp_path_factory.mktemp("toy") / "toy.csv"
     path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
     return path
 
 
-@pytest.fixture
-def toy_overrides(tiny_model_dir, toy_csv):
+def overfit_overrides(model_dir: Path, csv_path: Path) -> list:
     """The e2e configuration: the tiny saved model memorizing the toy data (train = validation)."""
     return [
-        f"model.name_or_path='{tiny_model_dir}'",
+        f"model.name_or_path='{model_dir}'",
         "data=files",
-        f"data.files={{train:'{toy_csv}',validation:'{toy_csv}'}}",
+        f"data.files={{train:'{csv_path}',validation:'{csv_path}'}}",
         "data.batch_size=8",
         "data.max_length=16",
         "optimizer.lr=3e-3",
@@ -112,6 +95,32 @@ def toy_overrides(tiny_model_dir, toy_csv):
         "trainer.max_steps=40",
         "trainer.eval_every_n_steps=0",
         "trainer.log_with=none",
-        "trainer.max_grad_norm=1.0",
         "checkpoint.every_n_steps=0",
     ]
+
+
+@pytest.fixture(scope="session")
+def pkg():
+    """The project's package modules (tests stay free of the package name)."""
+    names = ["checkpoints", "config", "data", "loop", "model"]
+    return SimpleNamespace(**{name: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    return compose_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory):
+    return write_toy_csv(tmp_path_factory.mktemp("toy") / "toy.csv")
+
+
+@pytest.fixture
+def toy_overrides(tiny_model_dir, toy_csv):
+    return overfit_overrides(tiny_model_dir, toy_csv)
