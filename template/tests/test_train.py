@@ -77,7 +77,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run_bit_for_bit(
 
 
 def test_resume_from_a_folder_that_is_not_a_checkpoint_says_so(pkg, make_config, toy_overrides, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
+    with pytest.raises(pkg.checkpoints.CorruptCheckpointError, match="is not a complete checkpoint"):
         pkg.loop.train(make_config(*toy_overrides, f"resume='{tmp_path}'"), tmp_path / "run")
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: full training state through Accelerate's save_state/load_state, written atomically,
-pruned by a keep policy; and the final export as a CPU `save_pretrained` folder."""
+verified on load, pruned by a keep policy; and the final export as a CPU `save_pretrained` folder."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,23 +11,45 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import load as safe_load
 from omegaconf import DictConfig
 
 from .config import KeepPolicy, MetricMode
 
+logger = get_logger(__name__)
+
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 PREFIX = "step_"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint folder whose files do not match what was written."""
 
 
 def versions() -> dict:
     return {lib.__name__: lib.__version__ for lib in (torch, transformers, accelerate, datasets)}
 
 
-def save(accelerator: Accelerator, folder: Path, trainer_state: dict) -> Path:
-    """Save model, optimizer, scheduler, RNG and sampler states, plus `trainer_state` as JSON.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    Written into a temporary folder and renamed when complete, so a crash mid-save never leaves
-    a folder that looks like a checkpoint.
+
+def _checksums(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE)
+    return {str(p.relative_to(folder)): _sha256(p) for p in files}
+
+
+def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: dict) -> Path:
+    """Save model, optimizer, scheduler, RNG and sampler states, and a JSON record of the run.
+
+    The record (trainer state, seed, library versions, resolved config, checksums of every file) is
+    written last, into a temporary folder that is renamed when complete: a crash mid-save never
+    leaves a folder that looks like a checkpoint.
     """
     final = folder / f"{PREFIX}{trainer_state['step']:08d}"
     partial = folder / f".partial_{final.name}"
@@ -34,8 +57,16 @@ def save(accelerator: Accelerator, folder: Path, trainer_state: dict) -> Path:
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))  # every process takes part (sharded FSDP/DeepSpeed states)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        record = {
+            "trainer": trainer_state,
+            "seed": trainer_state["seed"],
+            "versions": versions(),
+            "config": config,
+            "checksums": _checksums(partial),
+        }
+        (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -43,48 +74,75 @@ def save(accelerator: Accelerator, folder: Path, trainer_state: dict) -> Path:
     return final
 
 
-def is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file()
-
-
-def list_complete(folder: Path) -> list:
-    """Complete checkpoints of a folder, oldest first."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and is_complete(p))
-
-
-def resolve_resume(resume: str | None, folder: Path) -> Path | None:
-    """The checkpoint to resume from: None, the newest of `folder` ("latest"), or a given folder."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_complete(folder)
-        return found[-1] if found else None  # nothing yet: start from scratch (safe to requeue)
-    path = Path(resume).expanduser()
-    if not is_complete(path):
-        raise FileNotFoundError(
-            f"resume={resume}: not a complete checkpoint folder (no {STATE_FILE} in it); "
-            "pass resume=latest or a folder such as <run>/checkpoints/step_00000100"
-        )
-    return path
-
-
-def load(accelerator: Accelerator, path: Path) -> dict:
-    """Restore every registered state from `path` and return its trainer state."""
-    accelerator.load_state(str(path))
+def read_record(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
+def verify(path: Path) -> dict:
+    """Return the checkpoint's record, or raise CorruptCheckpointError naming the bad files."""
+    if not (path / STATE_FILE).is_file():
+        raise CorruptCheckpointError(f"{path} is not a complete checkpoint: it has no {STATE_FILE}")
+    try:
+        record = read_record(path)
+        expected = record["checksums"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise CorruptCheckpointError(f"{path}/{STATE_FILE} is unreadable: {error}") from error
+    actual = _checksums(path)
+    bad = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+    if bad:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is truncated or corrupt: these files differ from when it was saved: {bad}"
+        )
+    return record
+
+
+def list_complete(folder: Path) -> list:
+    """Checkpoint folders that finished saving, oldest first (not yet verified)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
+def resolve_resume(resume: str | None, folder: Path) -> Path | None:
+    """The checkpoint to resume from: None, the newest good one of `folder` ("latest"), or a given one."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        path = Path(resume).expanduser()
+        verify(path)
+        return path
+    for path in reversed(list_complete(folder)):
+        try:
+            verify(path)
+            return path
+        except CorruptCheckpointError as error:
+            logger.warning(f"skipping a bad checkpoint: {error}", main_process_only=True)
+    return None  # nothing yet: start from scratch (so a preempted job can be requeued as it was)
+
+
+def load(accelerator: Accelerator, path: Path) -> dict:
+    """Restore every prepared object's state from `path`; return the trainer state saved with it.
+
+    Accelerate loads tensors with safetensors and `weights_only` pickles: a checkpoint is data, not code.
+    It only logs a failed RNG restore, so the restored generator is compared with the saved one here.
+    """
+    record = verify(path)
+    accelerator.load_state(str(path))
+    saved_rng = safe_load(path / f"random_states_{accelerator.process_index}.pkl")["torch_manual_seed"]
+    if not torch.equal(torch.get_rng_state(), saved_rng):
+        raise CorruptCheckpointError(f"{path}: the random number generator state was not restored")
+    return record["trainer"]
+
+
 def prune(folder: Path, cfg: DictConfig) -> None:
-    """Delete checkpoints the keep policy does not keep; the newest one is always kept."""
+    """Delete checkpoints the keep policy does not keep; the newest one is always kept (to resume)."""
     found = list_complete(folder)
     keep = set(found[-cfg.keep_count :] if cfg.keep == KeepPolicy.latest else found[-1:])
     if cfg.keep != KeepPolicy.latest:
-        metrics = {p: json.loads((p / STATE_FILE).read_text()).get("metrics", {}) for p in found}
+        metrics = {p: read_record(p)["trainer"]["metrics"] for p in found}
         scored = sorted(
-            (p for p in found if cfg.monitor in metrics[p]),
-            key=lambda p: metrics[p][cfg.monitor],
+            (p for p in found if cfg.monitor.value in metrics[p]),
+            key=lambda p: metrics[p][cfg.monitor.value],
             reverse=cfg.mode == MetricMode.max,
         )
         keep.update(scored[: 1 if cfg.keep == KeepPolicy.best else cfg.keep_count])
@@ -96,7 +154,8 @@ def prune(folder: Path, cfg: DictConfig) -> None:
 def export(accelerator: Accelerator, model, tokenizer, folder: Path) -> None:
     """Write a `from_pretrained` folder (safetensors on CPU, config, tokenizer) on the main process.
 
-    `get_state_dict` gathers the full state dict when the model is sharded (FSDP, DeepSpeed ZeRO-3).
+    Every process calls this: `get_state_dict` gathers the full state dict when the model is sharded
+    (FSDP, DeepSpeed ZeRO-3).
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:

@@ -40,9 +40,19 @@ class KeepPolicy(Enum):
     top_k = "top_k"  # the best `keep` by `monitor`, plus the newest
 
 
+class Metric(Enum):  # what `loop.evaluate` reports
+    loss = "loss"
+    accuracy = "accuracy"
+
+
 class MetricMode(Enum):
     min = "min"
     max = "max"
+
+
+class NonFiniteLoss(Enum):
+    stop = "stop"  # raise with the step and the last finite loss; checkpoints stay untouched
+    skip = "skip"  # drop that update, count it, go on
 
 
 class Tracker(Enum):
@@ -117,6 +127,11 @@ class TrainerConfig:
     max_grad_norm: float = bounded(1.0, ge=0)  # 0 turns clipping off
     eval_every_n_steps: int = bounded(100, ge=0)  # 0: only at the end
     log_every_n_steps: int = bounded(10, ge=1)
+    nonfinite_loss: NonFiniteLoss = NonFiniteLoss.stop
+    # Stop when `checkpoint.monitor` has not improved by more than min_delta for `patience`
+    # evaluations in a row (0 turns early stopping off).
+    early_stopping_patience: int = bounded(0, ge=0)
+    early_stopping_min_delta: float = bounded(0.0, ge=0)
     log_with: Tracker = Tracker.tensorboard
     tracker_project: str = "train"
     cpu: bool = False  # force the CPU even when a GPU is present
@@ -127,7 +142,7 @@ class CheckpointConfig:
     every_n_steps: int = bounded(0, ge=0)  # 0: no periodic checkpoints
     keep: KeepPolicy = KeepPolicy.latest
     keep_count: int = bounded(2, ge=1)
-    monitor: str = "accuracy"  # an evaluation metric
+    monitor: Metric = Metric.accuracy  # for keep=best/top_k and early stopping
     mode: MetricMode = MetricMode.max
 
 

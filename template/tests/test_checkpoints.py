@@ -1,0 +1,157 @@
+"""Checkpoints survive crashes and corruption; runs stop cleanly on early stopping or a bad loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import PROJECT_ROOT
+from safetensors.torch import load_file
+
+STEP = "step_{:08d}"
+
+
+def final_weights(run_dir):
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture
+def checkpointed(toy_overrides):
+    return [*toy_overrides, "trainer.max_steps=12", "checkpoint.every_n_steps=5", "checkpoint.keep_count=5"]
+
+
+def test_checkpoint_records_seed_versions_config_and_checksums(pkg, make_config, checkpointed, tmp_path):
+    pkg.loop.train(make_config(*checkpointed, "trainer.seed=7"), tmp_path)
+    record = pkg.checkpoints.verify(tmp_path / "checkpoints" / STEP.format(10))
+    assert record["seed"] == 7 and record["config"]["trainer"]["seed"] == 7
+    assert set(record["versions"]) == {"torch", "transformers", "accelerate", "datasets"}
+    assert record["trainer"]["step"] == 10 and "model.safetensors" in record["checksums"]
+
+
+def test_corrupt_checkpoint_is_named_and_latest_falls_back_to_the_newest_good_one(
+    pkg, make_config, checkpointed, tmp_path
+):
+    full = pkg.loop.train(make_config(*checkpointed), tmp_path)
+    newest = tmp_path / "checkpoints" / STEP.format(10)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a save cut short
+
+    with pytest.raises(pkg.checkpoints.CorruptCheckpointError, match=r"truncated or corrupt.*model\.safetensors"):
+        pkg.loop.train(make_config(*checkpointed, f"resume='{newest}'"), tmp_path / "other")
+
+    resumed = pkg.loop.train(make_config(*checkpointed, "resume=latest"), tmp_path)
+    assert resumed["losses"] == full["losses"][5:]  # resumed from step 5, the newest good checkpoint
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(pkg, make_config, checkpointed, tmp_path):
+    full = pkg.loop.train(make_config(*checkpointed), tmp_path)
+    # What a crash in the middle of save() leaves: the temporary folder, never renamed.
+    partial = tmp_path / "checkpoints" / f".partial_{STEP.format(11)}"
+    (tmp_path / "checkpoints" / STEP.format(10)).rename(partial)
+    resumed = pkg.loop.train(make_config(*checkpointed, "resume=latest"), tmp_path)
+    assert resumed["losses"] == full["losses"][5:]
+
+
+@pytest.mark.parametrize("keep, kept_steps", [("latest", [7, 8]), ("best", [1, 8]), ("top_k", [1, 2, 8])])
+def test_keep_policy(pkg, make_config, toy_overrides, tmp_path, keep, kept_steps):
+    # Monitor eval loss in "max" mode: as the model memorizes, the loss falls at every step, so the
+    # "best" checkpoints are the oldest ones and the policy must keep them over newer ones.
+    overrides = [
+        *toy_overrides,
+        "trainer.max_steps=8",
+        "trainer.eval_every_n_steps=1",
+        "checkpoint.every_n_steps=1",
+        f"checkpoint.keep={keep}",
+        "checkpoint.keep_count=2",
+        "checkpoint.monitor=loss",
+        "checkpoint.mode=max",
+    ]
+    pkg.loop.train(make_config(*overrides), tmp_path)
+    kept = pkg.checkpoints.list_complete(tmp_path / "checkpoints")
+    assert [path.name for path in kept] == [STEP.format(step) for step in kept_steps]
+    losses = [pkg.checkpoints.read_record(path)["trainer"]["metrics"]["loss"] for path in kept]
+    assert losses == sorted(losses, reverse=True)
+    assert (tmp_path / "best_model" / "model.safetensors").is_file() == (keep != "latest")
+
+
+def test_early_stopping_stops_every_process_and_is_recorded(pkg, make_config, toy_overrides, tmp_path):
+    overrides = [
+        *toy_overrides,
+        "trainer.max_steps=40",
+        "trainer.eval_every_n_steps=2",
+        "trainer.early_stopping_patience=2",
+        "trainer.early_stopping_min_delta=10",  # no accuracy gain can be this large: stop after patience
+        "checkpoint.every_n_steps=2",
+    ]
+    result = pkg.loop.train(make_config(*overrides), tmp_path)
+    assert result["stopped_early"] and result["step"] == 6  # best at step 2, no gain at 4 and 6
+    record = pkg.checkpoints.read_record(tmp_path / "checkpoints" / STEP.format(6))
+    assert record["trainer"]["stopped_early"] and record["trainer"]["evals_without_improvement"] == 2
+
+
+def test_nonfinite_loss_stops_with_step_and_last_finite_loss_keeping_checkpoints(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    # An absurd learning rate: step 1 is finite, its update blows the weights up, step 2 is not.
+    overrides = [*toy_overrides, "optimizer.lr=1e30", "trainer.max_grad_norm=0", "checkpoint.every_n_steps=1"]
+    with pytest.raises(pkg.loop.NonFiniteLossError, match=r"step 2: the training loss is (nan|inf).*was 0\.\d+"):
+        pkg.loop.train(make_config(*overrides), tmp_path)
+    assert [p.name for p in pkg.checkpoints.list_complete(tmp_path / "checkpoints")] == [STEP.format(1)]
+    pkg.checkpoints.verify(tmp_path / "checkpoints" / STEP.format(1))
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(pkg, make_config, toy_overrides, tmp_path):
+    overrides = [*toy_overrides, "optimizer.lr=1e30", "trainer.max_grad_norm=0", "trainer.max_steps=6"]
+    result = pkg.loop.train(make_config(*overrides, "trainer.nonfinite_loss=skip"), tmp_path)
+    assert result["step"] == 6 and result["skipped_steps"] == 5
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values())
+
+
+def test_deterministic_mode_turns_on_deterministic_algorithms(pkg, make_config, toy_overrides, tmp_path):
+    try:
+        first = pkg.loop.train(make_config(*toy_overrides, "trainer.deterministic=true"), tmp_path / "a")
+        assert torch.are_deterministic_algorithms_enabled()
+        second = pkg.loop.train(make_config(*toy_overrides, "trainer.deterministic=true"), tmp_path / "b")
+        assert first["losses"] == second["losses"]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_run_killed_by_sigkill_resumes_losing_only_steps_since_its_last_checkpoint(
+    pkg, make_config, checkpointed, tmp_path
+):
+    run_dir = tmp_path / "killed"
+    endless = [o for o in checkpointed if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100000"]
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *endless, f"hydra.run.dir={run_dir}"],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(pkg.checkpoints.list_complete(run_dir / "checkpoints")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    found = pkg.checkpoints.list_complete(run_dir / "checkpoints")
+    assert len(found) >= 2, "the run made no checkpoints before the deadline"
+    last = pkg.checkpoints.read_record(found[-1])["trainer"]["step"]
+
+    # Resume the killed run in its own folder and go 5 steps beyond its last checkpoint...
+    until = [*endless[:-1], f"trainer.max_steps={last + 5}"]
+    pkg.loop.train(make_config(*until, "resume=latest"), run_dir)
+    # ...which must land exactly where an uninterrupted run of the same length lands.
+    pkg.loop.train(make_config(*until), tmp_path / "uninterrupted")
+    assert_same_weights(final_weights(run_dir), final_weights(tmp_path / "uninterrupted"))
+    assert json.loads((run_dir / "metrics.json").read_text())["step"] == last + 5
