@@ -1,0 +1,115 @@
+"""Checks on each render of RENDERS: lint, leftovers, answers, conditional files, metadata."""
+
+import datetime
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import read_answers, run_ok
+
+# Jinja tags left in rendered text: `{{ expression }}`, `{% statement`, `{# comment`.
+# Not flagged: GitHub Actions' ${{ ... }} (removed before searching) and the escaped braces
+# of Python f-strings and str.format, such as f"{{key:'{value}'}}" or "{{{x}}}".
+JINJA_IN_TEXT = re.compile(r"(?<!\{)\{\{(?!\{)-?\s*[\w'\"][^{}]*\}\}|\{%-?\s|\{#-?\s")
+JINJA_IN_NAME = re.compile(r"\{\{|\{%|\{#")
+GITHUB_EXPRESSION = re.compile(r"\$\{\{.*?\}\}")
+
+LICENSE_MARKERS = {
+    "MIT": "Permission is hereby granted, free of charge",
+    "Apache-2.0": "Version 2.0, January 2004",
+    "BSD-3-Clause": "Neither the name of the copyright holder",
+    "Proprietary": "All rights reserved.",
+}
+
+
+def files(project: Path) -> list[Path]:
+    return sorted(path for path in project.rglob("*") if path.is_file())
+
+
+def pyproject(project: Path) -> dict:
+    return tomllib.loads((project / "pyproject.toml").read_text())
+
+
+def test_ruff_check(project):
+    run_ok([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=project)
+
+
+def test_ruff_format(project):
+    run_ok([sys.executable, "-m", "ruff", "format", "--check", "--no-cache", "."], cwd=project)
+
+
+def test_no_jinja_left(project):
+    leftovers = []
+    for path in files(project):
+        name = path.relative_to(project).as_posix()
+        if JINJA_IN_NAME.search(name) or name.endswith(".jinja"):
+            leftovers.append(f"{name}: file name")
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # binary
+        for number, line in enumerate(text.splitlines(), 1):
+            if JINJA_IN_TEXT.search(GITHUB_EXPRESSION.sub("", line)):
+                leftovers.append(f"{name}:{number}: {line.strip()}")
+    assert not leftovers, "Jinja left after rendering:\n" + "\n".join(leftovers)
+
+
+def test_answers_file(project, request):
+    answers = read_answers(project)
+    assert answers["_src_path"]
+    assert "_commit" not in answers  # rendered from a folder outside git
+    given = request.node.callspec.params["project"]
+    assert {key: answers[key] for key in given} == given
+
+
+def test_license(project):
+    answers = read_answers(project)
+    text = (project / "LICENSE").read_text()
+    assert LICENSE_MARKERS[answers["license"]] in text
+    others = [marker for name, marker in LICENSE_MARKERS.items() if name != answers["license"]]
+    assert not any(marker in text for marker in others)
+    assert f"{datetime.date.today().year}" in text
+    assert answers["author_name"] in text
+
+
+def test_github_workflow(project):
+    answers = read_answers(project)
+    workflow = project / ".github" / "workflows" / "tests.yml"
+    assert workflow.is_file() == answers["github_actions"]
+    assert (project / ".github").exists() == answers["github_actions"]
+    if answers["github_actions"]:
+        jobs = yaml.safe_load(workflow.read_text())["jobs"]
+        steps = [step for job in jobs.values() for step in job["steps"]]
+        versions = [step["with"]["python-version"] for step in steps if "with" in step]
+        assert versions == [answers["python_version"]]
+        assert "dev" in pyproject(project)["project"]["optional-dependencies"]
+
+
+def test_pre_commit_config(project):
+    answers = read_answers(project)
+    config = project / ".pre-commit-config.yaml"
+    assert config.is_file() == answers["pre_commit"]
+    if answers["pre_commit"]:
+        repos = yaml.safe_load(config.read_text())["repos"]
+        hooks = [hook["id"] for repo in repos for hook in repo["hooks"]]
+        assert {"ruff-check", "ruff-format"} <= set(hooks)
+
+
+def test_pyproject_and_package(project):
+    answers = read_answers(project)
+    metadata = pyproject(project)["project"]
+    assert metadata["name"].replace("-", "_") == answers["package_name"]
+    assert metadata["requires-python"] == f">={answers['python_version']}"
+    assert metadata["description"] == answers["description"]
+    assert (project / "src" / answers["package_name"]).is_dir()
+
+
+@pytest.mark.rendered_suite
+def test_rendered_suite(project):
+    """The rendered project's own tests pass, offline, without installing it."""
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    run_ok(command, cwd=project, timeout=1800)
