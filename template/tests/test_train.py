@@ -51,7 +51,7 @@ def test_exported_model_loads_with_from_pretrained_on_cpu(pkg, make_config, toy_
     assert all(tensor.device.type == "cpu" for tensor in load_file(tmp_path / "model" / "model.safetensors").values())
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [1, 2, 3])  # 3: cycles span epoch ends
 def test_resume_mid_epoch_matches_an_uninterrupted_run_bit_for_bit(
     pkg, make_config, toy_overrides, tmp_path, accumulation
 ):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -33,7 +33,11 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
     return Accelerator(
         cpu=cfg.cpu,
         mixed_precision=cfg.mixed_precision.value,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # Cycles of micro-batches run on across epoch ends (see `train`), so Accelerate must not
+        # force a sync at the end of each epoch.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
         log_with=None if cfg.log_with == Tracker.none else cfg.log_with.value,
         project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step
@@ -168,6 +172,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     while state["step"] < trainer.max_steps and not state["stopped_early"]:
         cycle = list(islice(stream, trainer.gradient_accumulation_steps))
         loss_sum, items = accumulate_cycle(accelerator, model, cycle)
+        if not accelerator.sync_gradients:  # the optimizer would silently skip this step
+            raise RuntimeError("accumulation cycle out of step with Accelerate's gradient synchronization")
         state["batches_seen"] += len(cycle)
         state["step"] += 1
         step, loss = state["step"], (loss_sum / items).item()  # the mean over every item of the cycle
