@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import PROJECT_ROOT
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -36,6 +37,9 @@ def test_default_command_line_trains_evaluates_checkpoints_and_exports(tmp_path)
     # keep=latest with keep_count=2: the two newest of steps 10, 20, 30
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000020", "step_00000030"]
     assert (run_dir / "model" / "model.safetensors").is_file()
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    if config["trainer"]["log_with"] == "tensorboard":  # curves and hyperparameters, under the run folder
+        assert list((run_dir / config["trainer"]["tracker_project"]).rglob("events.out.tfevents.*"))
 
 
 def test_exported_model_loads_with_from_pretrained_on_cpu(pkg, make_config, toy_overrides, toy_csv, tmp_path):
