@@ -12,8 +12,8 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from . import checkpoints
-from .config import Tracker, to_container, validate
+from . import checkpoints, launch
+from .config import ConfigError, Tracker, to_container, validate
 from .data import load_splits, make_dataloaders, tokenize
 from .model import build_model, build_tokenizer
 from .optim import build_optimizer, build_scheduler
@@ -22,8 +22,8 @@ logger = get_logger(__name__)
 
 
 def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
-    return Accelerator(
-        cpu=cfg.cpu,
+    accelerator = Accelerator(
+        cpu=launch.use_cpu(cfg.cpu),  # several processes on a machine without GPUs: one gloo group on the CPU
         mixed_precision=cfg.mixed_precision.value,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.log_with == Tracker.none else cfg.log_with.value,
@@ -31,6 +31,11 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
         # A sampler seeded from the config, so a resumed run sees the same batches in the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if cfg.cpu and accelerator.device.type != "cpu":  # launch.share_run_stamp started the group on the GPUs
+        raise ConfigError(
+            "trainer.cpu=true: this multi-process launch runs on GPUs; launch it with ACCELERATE_USE_CPU=1"
+        )
+    return accelerator
 
 
 def flat_hparams(cfg: DictConfig) -> dict:
@@ -48,7 +53,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
 
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
-    """Mean loss and accuracy over every validation example exactly once, across all processes."""
+    """Mean loss and accuracy over every validation example exactly once, across all processes (`examples`)."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for batch in dataloader:
@@ -60,7 +65,7 @@ def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
         correct += (preds == labels).sum().item()
         count += labels.numel()
     model.train()
-    return {"loss": total_loss / count, "accuracy": correct / count}
+    return {"loss": total_loss / count, "accuracy": correct / count, "examples": count}
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -69,6 +74,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     accelerator = make_accelerator(cfg.trainer, run_dir)
+    ranks = launch.gathered_ranks(accelerator)  # fails at once if the launched processes did not form one group
     seed = cfg.trainer.seed
     set_seed(seed, deterministic=cfg.trainer.deterministic)
 
@@ -141,7 +147,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
     checkpoints.export(accelerator, model, tokenizer, run_dir / "model")
     accelerator.end_training()
-    result = {"step": state["step"], "metrics": state["metrics"], "train_seconds": train_seconds}
+    result = {
+        "step": state["step"],
+        "metrics": state["metrics"],
+        "train_seconds": train_seconds,
+        "num_processes": accelerator.num_processes,
+        "ranks": ranks,
+    }
     if accelerator.is_main_process:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     accelerator.print(
