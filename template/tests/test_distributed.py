@@ -1,0 +1,138 @@
+"""Several processes: one process group even without GPUs, one run folder per run, every validation example counted
+once, and the same training as one process; the launch configs for GPUs and Slurm."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+from accelerate.utils import DistributedType
+from conftest import CONFIG_DIR, PROJECT_ROOT
+from safetensors.torch import load_file
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")  # the CLI of the environment running the tests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
+    pkg, make_config, toy_overrides, toy_csv, tmp_path
+):
+    # 33 validation rows: they split evenly neither over 2 processes nor into batches of 4.
+    validation = tmp_path / "validation.csv"
+    validation.write_text(toy_csv.read_text() + "aeiou,1\n")
+    overrides = [
+        *toy_overrides,
+        f"data.files.validation='{validation}'",
+        "data.eval_batch_size=4",
+        "trainer.max_steps=10",
+        "data.batch_size=4",  # per process
+    ]
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    done = subprocess.run(
+        [*command, str(PROJECT_ROOT / "train.py"), *overrides],
+        cwd=tmp_path,  # the default run folder, outputs/<stamp>, lands here
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the plain launch on a machine without GPUs
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hung process group fails the test instead of blocking CI
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # one folder for both processes, not one each
+    run_dir = runs[0]
+    assert {".hydra", "train.log", "train_rank1.log", "metrics.json", "model"} <= {p.name for p in run_dir.iterdir()}
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["num_processes"] == 2
+    assert result["ranks"] == [0, 1]  # gathered from both processes: one group, not two lone runs
+    assert result["metrics"]["examples"] == 33  # the padding that evens out the last batches is not counted
+
+    # Accelerate deals the seeded batches of 4 out in turn (process i takes batches i, i+2, ...), so optimizer step k
+    # sees batches 2k and 2k+1: what one process sees with batch 4 and 2 accumulation steps. DDP averages the two
+    # gradients, accumulation adds two halves: exact halvings either way, so the weights are bit-identical.
+    two = load_file(run_dir / "model" / "model.safetensors")
+    accumulated = pkg.loop.train(
+        make_config(*overrides, "trainer.gradient_accumulation_steps=2"), tmp_path / "accumulated"
+    )
+    one = load_file(tmp_path / "accumulated" / "model" / "model.safetensors")
+    assert all(torch.equal(two[name], one[name]) for name in two)
+    assert result["metrics"]["accuracy"] == accumulated["metrics"]["accuracy"]
+    assert result["metrics"]["loss"] == pytest.approx(
+        accumulated["metrics"]["loss"], rel=1e-6
+    )  # summed in another order
+
+    # One process with batch 8 sees the same 8 examples per step, but padded to the longest of 8 rather than of 4:
+    # other matrix shapes, other float rounding. Measured: at most 4.5e-7 apart after these 10 steps, while a
+    # different data order (batch 4 on one process) ends 5e-2 apart. 1e-4 leaves room for other CPUs' kernels.
+    pkg.loop.train(make_config(*overrides, "data.batch_size=8"), tmp_path / "large_batch")
+    one = load_file(tmp_path / "large_batch" / "model" / "model.safetensors")
+    assert all(torch.allclose(two[name], one[name], rtol=0, atol=1e-4) for name in two)
+
+
+def test_runs_started_at_the_same_moment_get_different_folders(pkg, make_config):
+    now = datetime.now()
+    assert pkg.launch.make_run_stamp(now) != pkg.launch.make_run_stamp(now)  # the random suffix tells them apart
+    assert make_config(return_hydra_config=True).hydra.run.dir == f"outputs/{pkg.launch.run_stamp()}"
+
+
+# name: distributed_type, num_processes, num_machines, and key options of its fsdp_config or deepspeed_config
+ACCELERATE_CONFIGS = {
+    "single_gpu": ("NO", 1, 1, {}),
+    "ddp": ("MULTI_GPU", 8, 1, {}),
+    "multi_node": ("MULTI_GPU", 16, 2, {}),
+    "fsdp": (
+        "FSDP",
+        8,
+        1,
+        {
+            "fsdp_version": 2,
+            "fsdp_reshard_after_forward": True,  # FULL_SHARD
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": True,
+        },
+    ),
+    "deepspeed_zero2": ("DEEPSPEED", 8, 1, {"zero_stage": 2}),
+    "deepspeed_zero3": ("DEEPSPEED", 8, 1, {"zero_stage": 3, "zero3_save_16bit_model": True}),
+}
+
+
+def test_every_accelerate_config_file_is_checked():
+    assert sorted(p.stem for p in (CONFIG_DIR / "accelerate").glob("*.yaml")) == sorted(ACCELERATE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_config_file_loads_with_accelerates_own_classes(name):
+    distributed_type, num_processes, num_machines, options = ACCELERATE_CONFIGS[name]
+    config = load_config_from_file(str(CONFIG_DIR / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type == DistributedType(distributed_type)
+    assert (config.num_processes, config.num_machines) == (num_processes, num_machines)
+    assert config.mixed_precision == "no"  # trainer.mixed_precision decides: the Accelerator's argument wins
+    section = {**config.fsdp_config, **config.deepspeed_config}
+    assert {key: section.get(key) for key in options} == options
+    # `accelerate launch` turns each key of these sections into its option of that name without checking the name,
+    # so a misspelt key would be ignored in silence.
+    assert set(section) <= set(vars(launch_command_parser().parse_args(["train.py"])))
+
+
+def test_slurm_launcher_config_composes(make_config):
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e .[slurm]"
+    )
+    launcher = make_config("hydra/launcher=slurm", return_hydra_config=True).hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 1, 1)  # one process per job
+    assert launcher.submitit_folder.startswith("multirun/")  # resolves: inside the sweep folder
