@@ -26,6 +26,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_two_processes(cwd: Path, overrides: list) -> None:
+    """The plain `accelerate launch --multi_gpu --num_processes 2 train.py ...`, on a machine without GPUs."""
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    done = subprocess.run(
+        [*command, str(PROJECT_ROOT / "train.py"), *overrides],
+        cwd=cwd,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no GPU, even where there are some
+        capture_output=True,
+        text=True,
+        timeout=300,  # a hung process group fails the test instead of blocking CI
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
     pkg, make_config, toy_overrides, toy_csv, tmp_path
 ):
@@ -39,17 +54,8 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
         "trainer.max_steps=10",
         "data.batch_size=4",  # per process
     ]
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    done = subprocess.run(
-        [*command, str(PROJECT_ROOT / "train.py"), *overrides],
-        cwd=tmp_path,  # the default run folder, outputs/<stamp>, lands here
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the plain launch on a machine without GPUs
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hung process group fails the test instead of blocking CI
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    checkpointed = [*overrides, "checkpoint.every_n_steps=5"]
+    launch_two_processes(tmp_path, checkpointed)  # into the default run folder: tmp_path/outputs/<stamp>
 
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # one folder for both processes, not one each
@@ -59,20 +65,29 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
     assert result["num_processes"] == 2
     assert result["ranks"] == [0, 1]  # gathered from both processes: one group, not two lone runs
     assert result["metrics"]["examples"] == 33  # the padding that evens out the last batches is not counted
+    # Complete checkpoints: the main process renames a checkpoint folder only once every process wrote its part.
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step_00000005", "step_00000010"]
+    assert all({"random_states_0.pkl", "random_states_1.pkl"} <= {f.name for f in p.iterdir()} for p in checkpoints)
+    two = load_file(run_dir / "model" / "model.safetensors")
+
+    # Resumed on two processes from step 5, mid-epoch (4 steps per epoch): the same weights, bit for bit.
+    resumed_dir = tmp_path / "resumed"
+    launch_two_processes(tmp_path, [*checkpointed, f"hydra.run.dir='{resumed_dir}'", f"resume='{checkpoints[0]}'"])
+    resumed = load_file(resumed_dir / "model" / "model.safetensors")
+    assert all(torch.equal(two[name], resumed[name]) for name in two)
 
     # Accelerate deals the seeded batches of 4 out in turn (process i takes batches i, i+2, ...), so optimizer step k
     # sees batches 2k and 2k+1: what one process sees with batch 4 and 2 accumulation steps. DDP averages the two
     # gradients, accumulation adds two halves: exact halvings either way, so the weights are bit-identical.
-    two = load_file(run_dir / "model" / "model.safetensors")
     accumulated = pkg.loop.train(
         make_config(*overrides, "trainer.gradient_accumulation_steps=2"), tmp_path / "accumulated"
     )
     one = load_file(tmp_path / "accumulated" / "model" / "model.safetensors")
     assert all(torch.equal(two[name], one[name]) for name in two)
+    # Evaluation too: the same predictions, and the loss summed in another order (measured 1e-8 apart, relative).
     assert result["metrics"]["accuracy"] == accumulated["metrics"]["accuracy"]
-    assert result["metrics"]["loss"] == pytest.approx(
-        accumulated["metrics"]["loss"], rel=1e-6
-    )  # summed in another order
+    assert result["metrics"]["loss"] == pytest.approx(accumulated["metrics"]["loss"], rel=1e-6)
 
     # One process with batch 8 sees the same 8 examples per step, but padded to the longest of 8 rather than of 4:
     # other matrix shapes, other float rounding. Measured: at most 4.5e-7 apart after these 10 steps, while a
