@@ -17,7 +17,8 @@ from accelerate.utils import DistributedType
 from conftest import CONFIG_DIR, PROJECT_ROOT
 from safetensors.torch import load_file
 
-ACCELERATE = Path(sys.executable).with_name("accelerate")  # the CLI of the environment running the tests
+# The `accelerate` command (its console script's entry point), run by the interpreter that runs the tests.
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
 
 
 def free_port() -> int:
@@ -28,7 +29,7 @@ def free_port() -> int:
 
 def launch_two_processes(cwd: Path, overrides: list) -> None:
     """The plain `accelerate launch --multi_gpu --num_processes 2 train.py ...`, on a machine without GPUs."""
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command = [*ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     done = subprocess.run(
         [*command, str(PROJECT_ROOT / "train.py"), *overrides],
