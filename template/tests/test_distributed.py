@@ -31,14 +31,18 @@ def launch_two_processes(cwd: Path, overrides: list) -> None:
     """The plain `accelerate launch --multi_gpu --num_processes 2 train.py ...`, on a machine without GPUs."""
     command = [*ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    done = subprocess.run(
-        [*command, str(PROJECT_ROOT / "train.py"), *overrides],
-        cwd=cwd,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no GPU, even where there are some
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hung process group fails the test instead of blocking CI
-    )
+    try:
+        done = subprocess.run(
+            [*command, str(PROJECT_ROOT / "train.py"), *overrides],
+            cwd=cwd,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no GPU, even where there are some
+            capture_output=True,
+            text=True,
+            timeout=300,  # a hung process group fails the test instead of blocking CI
+        )
+    except subprocess.TimeoutExpired as hung:
+        stderr = hung.stderr.decode(errors="replace") if isinstance(hung.stderr, bytes) else hung.stderr or ""
+        pytest.fail(f"the 2-process run hung (still running after {hung.timeout}s):\n{stderr[-4000:]}")
     assert done.returncode == 0, done.stderr[-4000:]
 
 
