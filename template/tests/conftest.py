@@ -32,19 +32,25 @@ def hf_home(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Accelerate keeps process-wide singletons: reset them so tests don't leak state into each other."""
-    yield
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons: reset them before an Accelerator with other settings."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
 
-def compose_config(*overrides: str):
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Tests don't leak Accelerate's state into each other."""
+    yield
+    reset_accelerate_state()
+
+
+def compose_config(*overrides: str, return_hydra_config: bool = False):
     """Compose the project's real Hydra config (configs/train.yaml) with command-line style overrides."""
     importlib.import_module(f"{PACKAGE}.config").register_configs()
+    importlib.import_module(f"{PACKAGE}.launch")  # registers the resolvers that the `hydra` node uses
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def save_tiny_model(folder: Path) -> Path:
@@ -102,7 +108,7 @@ def overfit_overrides(model_dir: Path, csv_path: Path) -> list:
 @pytest.fixture(scope="session")
 def pkg():
     """The project's package modules (tests stay free of the package name)."""
-    names = ["checkpoints", "config", "data", "loop", "model"]
+    names = ["checkpoints", "config", "data", "launch", "loop", "model"]
     return SimpleNamespace(**{name: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
 
 

@@ -57,6 +57,7 @@ def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: di
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))  # every process takes part (sharded FSDP/DeepSpeed states)
+    # save_state returns without waiting for the others: each process still writes its own RNG state file.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         record = {

@@ -15,8 +15,8 @@ from accelerate.utils import GradientAccumulationPlugin, set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from . import checkpoints
-from .config import KeepPolicy, MetricMode, NonFiniteLoss, Tracker, to_container, validate
+from . import checkpoints, launch
+from .config import ConfigError, KeepPolicy, MetricMode, NonFiniteLoss, Tracker, to_container, validate
 from .data import load_splits, make_dataloaders, tokenize
 from .model import build_model, build_tokenizer
 from .optim import build_optimizer, build_scheduler
@@ -30,8 +30,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
-    return Accelerator(
-        cpu=cfg.cpu,
+    accelerator = Accelerator(
+        cpu=launch.use_cpu(cfg.cpu),  # several processes on a machine without GPUs: one gloo group on the CPU
         mixed_precision=cfg.mixed_precision.value,
         # Cycles of micro-batches run on across epoch ends (see `train`), so Accelerate must not
         # force a sync at the end of each epoch.
@@ -44,6 +44,11 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
         # A sampler seeded from the config, so a resumed run sees the same batches in the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if cfg.cpu and accelerator.device.type != "cpu":  # launch.share_run_stamp started the group on the GPUs
+        raise ConfigError(
+            "trainer.cpu=true: this multi-process launch runs on GPUs; launch it with ACCELERATE_USE_CPU=1"
+        )
+    return accelerator
 
 
 def flat_hparams(cfg: DictConfig) -> dict:
@@ -61,7 +66,7 @@ def flat_hparams(cfg: DictConfig) -> dict:
 
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
-    """Mean loss and accuracy over every validation example exactly once, across all processes."""
+    """Mean loss and accuracy over every validation example exactly once, across all processes (`examples`)."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     for batch in dataloader:
@@ -73,7 +78,7 @@ def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
         correct += (preds == labels).sum().item()
         count += labels.numel()
     model.train()
-    return {"loss": total_loss / count, "accuracy": correct / count}
+    return {"loss": total_loss / count, "accuracy": correct / count, "examples": count}
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -129,6 +134,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer.deterministic:  # needed by deterministic cuBLAS; must be set before CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = make_accelerator(trainer, run_dir)
+    ranks = launch.gathered_ranks(accelerator)  # fails at once if the launched processes did not form one group
     seed = trainer.seed
     set_seed(seed, deterministic=trainer.deterministic)
 
@@ -230,6 +236,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     state["metrics"] = evaluate(model, eval_dl, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
     checkpoints.export(accelerator, model, tokenizer, run_dir / "model")
+    # Free the DDP-wrapped model before end_training destroys the process group. Otherwise its reducer holds the
+    # group's last reference and destroys it when train() returns, joining gloo's threads while holding the GIL
+    # they may need: a hang at exit, seen about once in ten 2-process CPU runs.
+    accelerator.free_memory()
+    del model
     accelerator.end_training()
     result = {
         "step": state["step"],
@@ -237,6 +248,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "stopped_early": state["stopped_early"],
         "skipped_steps": state["skipped_steps"],
         "train_seconds": train_seconds,
+        "num_processes": accelerator.num_processes,
+        "ranks": ranks,
     }
     if accelerator.is_main_process:
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -1,0 +1,79 @@
+"""Several processes, one run: the process group on machines without GPUs, and one run folder shared by all.
+
+`accelerate launch` and `torchrun` start N processes and each runs `@hydra.main`. Left alone, each would name its
+own run folder from the clock; here the main process picks the name and sends it to the others before Hydra starts.
+"""
+
+import secrets
+from datetime import datetime
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, get_int_from_env, parse_flag_from_env
+from omegaconf import OmegaConf
+
+_stamp = None  # this run's folder name, the same in every process once `share_run_stamp` ran
+
+
+def world_size() -> int:
+    """How many processes the launcher started (torchrun/accelerate set WORLD_SIZE, MPI its own variables)."""
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def use_cpu(requested: bool = False) -> bool:
+    """Whether the Accelerator must use the CPU: when asked, or when several processes run without CUDA GPUs.
+
+    In the second case a GPU-less Accelerator would leave each process training alone; on the CPU they form one
+    gloo group.
+    """
+    return requested or (world_size() > 1 and not torch.cuda.is_available())
+
+
+def make_run_stamp(now: datetime | None = None) -> str:
+    """`<date>/<time with microseconds>-<random>`: runs started at the same moment, even on two machines, differ."""
+    return f"{now or datetime.now():%Y-%m-%d/%H-%M-%S-%f}-{secrets.token_hex(2)}"
+
+
+def run_stamp() -> str:
+    global _stamp
+    if _stamp is None:
+        _stamp = make_run_stamp()
+    return _stamp
+
+
+def share_run_stamp() -> str:
+    """Give every process of a multi-process launch the main process's stamp. Call once, before Hydra starts.
+
+    This starts the process group (the Accelerator reuses it), so the resolver below only reads a value and never
+    waits on other processes.
+    """
+    global _stamp
+    if world_size() > 1:
+        state = PartialState(cpu=use_cpu(parse_flag_from_env("ACCELERATE_USE_CPU")))
+        stamp = [run_stamp() if state.is_main_process else None]
+        broadcast_object_list(stamp)
+        _stamp = stamp[0]
+    return run_stamp()
+
+
+def log_suffix() -> str:
+    """'' for the main process, '_rank<N>' for the others: each process logs to its own file of the run folder."""
+    rank = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+    return f"_rank{rank}" if rank else ""
+
+
+def gathered_ranks(accelerator) -> list:
+    """Every process's rank, gathered from all of them: [0, 1, ..., N-1] when the launch trains as one group."""
+    if accelerator.num_processes == 1 and world_size() > 1:
+        raise RuntimeError(
+            f"{world_size()} processes were launched but the Accelerator sees only its own: each would train alone. "
+            "On a machine without GPUs the processes join one group on the CPU (see launch.use_cpu)."
+        )
+    return accelerator.gather(torch.tensor([accelerator.process_index], device=accelerator.device)).tolist()
+
+
+# Registered on import, so every process that runs a Hydra job can resolve them (jobs that Hydra's submitit
+# launcher starts elsewhere import this package too). Cached like Hydra's ${now:}: the jobs of a sweep, resolved
+# from copies of the sweep's config, keep its value.
+OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("log_suffix", log_suffix, replace=True)

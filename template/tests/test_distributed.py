@@ -1,0 +1,166 @@
+"""Several processes: one process group even without GPUs, one run folder per run, every validation example counted
+once, and the same training as one process; the launch configs for GPUs and Slurm."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+from accelerate.utils import DistributedType
+from conftest import CONFIG_DIR, PROJECT_ROOT
+from safetensors.torch import load_file
+
+# The `accelerate` command (its console script's entry point), run by the interpreter that runs the tests.
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(cwd: Path, overrides: list) -> None:
+    """The plain `accelerate launch --multi_gpu --num_processes 2 train.py ...`, on a machine without GPUs."""
+    command = [*ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    with tempfile.TemporaryFile("w+") as output:  # a file, not a pipe: reading it never waits on a stray process
+        run = subprocess.Popen(
+            [*command, str(PROJECT_ROOT / "train.py"), *overrides],
+            cwd=cwd,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # no GPU, even where there are some
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        hung = False
+        try:
+            run.wait(timeout=300)  # a hang fails the test instead of blocking CI
+        except subprocess.TimeoutExpired:
+            hung = True
+            run.terminate()  # torch's launcher then stops both processes (SIGTERM, then SIGKILL after 30 s)
+            run.wait(timeout=60)
+        output.seek(0)
+        log = output.read()[-4000:]
+    assert not hung, f"still running after 300 s, so stopped:\n{log}"
+    assert run.returncode == 0, log
+
+
+def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
+    pkg, make_config, toy_overrides, toy_csv, tmp_path
+):
+    # 33 validation rows: they split evenly neither over 2 processes nor into batches of 4.
+    validation = tmp_path / "validation.csv"
+    validation.write_text(toy_csv.read_text() + "aeiou,1\n")
+    overrides = [
+        *toy_overrides,
+        f"data.files.validation='{validation}'",
+        "data.eval_batch_size=4",
+        "trainer.max_steps=10",
+        "data.batch_size=4",  # per process
+    ]
+    checkpointed = [*overrides, "checkpoint.every_n_steps=5"]
+    launch_two_processes(tmp_path, checkpointed)  # into the default run folder: tmp_path/outputs/<stamp>
+
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # one folder for both processes, not one each
+    run_dir = runs[0]
+    assert {".hydra", "train.log", "train_rank1.log", "metrics.json", "model"} <= {p.name for p in run_dir.iterdir()}
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["num_processes"] == 2
+    assert result["ranks"] == [0, 1]  # gathered from both processes: one group, not two lone runs
+    assert result["metrics"]["examples"] == 33  # the padding that evens out the last batches is not counted
+    # Complete checkpoints: the main process renames a checkpoint folder only once every process wrote its part.
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step_00000005", "step_00000010"]
+    assert all({"random_states_0.pkl", "random_states_1.pkl"} <= {f.name for f in p.iterdir()} for p in checkpoints)
+    two = load_file(run_dir / "model" / "model.safetensors")
+
+    # Resumed on two processes from step 5, mid-epoch (4 steps per epoch): the same weights, bit for bit.
+    resumed_dir = tmp_path / "resumed"
+    launch_two_processes(tmp_path, [*checkpointed, f"hydra.run.dir='{resumed_dir}'", f"resume='{checkpoints[0]}'"])
+    resumed = load_file(resumed_dir / "model" / "model.safetensors")
+    assert all(torch.equal(two[name], resumed[name]) for name in two)
+
+    # Accelerate deals the seeded batches of 4 out in turn (process i takes batches i, i+2, ...), so optimizer step k
+    # sees batches 2k and 2k+1: what one process sees with batch 4 and 2 accumulation steps. DDP averages the two
+    # gradients, accumulation adds two halves: exact halvings either way, so the weights are bit-identical.
+    accumulated = pkg.loop.train(
+        make_config(*overrides, "trainer.gradient_accumulation_steps=2"), tmp_path / "accumulated"
+    )
+    one = load_file(tmp_path / "accumulated" / "model" / "model.safetensors")
+    assert all(torch.equal(two[name], one[name]) for name in two)
+    # Evaluation too: the same predictions, and the loss summed in another order (measured 1e-8 apart, relative).
+    assert result["metrics"]["accuracy"] == accumulated["metrics"]["accuracy"]
+    assert result["metrics"]["loss"] == pytest.approx(accumulated["metrics"]["loss"], rel=1e-6)
+
+    # One process with batch 8 sees the same 8 examples per step, but padded to the longest of 8 rather than of 4:
+    # other matrix shapes, other float rounding. Measured: at most 4.5e-7 apart after these 10 steps, while a
+    # different data order (batch 4 on one process) ends 5e-2 apart. 1e-4 leaves room for other CPUs' kernels.
+    pkg.loop.train(make_config(*overrides, "data.batch_size=8"), tmp_path / "large_batch")
+    one = load_file(tmp_path / "large_batch" / "model" / "model.safetensors")
+    assert all(torch.allclose(two[name], one[name], rtol=0, atol=1e-4) for name in two)
+
+
+def test_runs_started_at_the_same_moment_get_different_folders(pkg, make_config):
+    now = datetime.now()
+    assert pkg.launch.make_run_stamp(now) != pkg.launch.make_run_stamp(now)  # the random suffix tells them apart
+    assert make_config(return_hydra_config=True).hydra.run.dir == f"outputs/{pkg.launch.run_stamp()}"
+
+
+# name: distributed_type, num_processes, num_machines, and key options of its fsdp_config or deepspeed_config
+ACCELERATE_CONFIGS = {
+    "single_gpu": ("NO", 1, 1, {}),
+    "ddp": ("MULTI_GPU", 8, 1, {}),
+    "multi_node": ("MULTI_GPU", 16, 2, {}),
+    "fsdp": (
+        "FSDP",
+        8,
+        1,
+        {
+            "fsdp_version": 2,
+            "fsdp_reshard_after_forward": True,  # FULL_SHARD
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": True,
+        },
+    ),
+    "deepspeed_zero2": ("DEEPSPEED", 8, 1, {"zero_stage": 2}),
+    "deepspeed_zero3": ("DEEPSPEED", 8, 1, {"zero_stage": 3, "zero3_save_16bit_model": True}),
+}
+
+
+def test_every_accelerate_config_file_is_checked():
+    assert sorted(p.stem for p in (CONFIG_DIR / "accelerate").glob("*.yaml")) == sorted(ACCELERATE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_config_file_loads_with_accelerates_own_classes(name):
+    distributed_type, num_processes, num_machines, options = ACCELERATE_CONFIGS[name]
+    config = load_config_from_file(str(CONFIG_DIR / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type == DistributedType(distributed_type)
+    assert (config.num_processes, config.num_machines) == (num_processes, num_machines)
+    assert config.mixed_precision == "no"  # trainer.mixed_precision decides: the Accelerator's argument wins
+    section = {**config.fsdp_config, **config.deepspeed_config}
+    assert {key: section.get(key) for key in options} == options
+    # `accelerate launch` turns each key of these sections into its option of that name without checking the name,
+    # so a misspelt key would be ignored in silence.
+    assert set(section) <= set(vars(launch_command_parser().parse_args(["train.py"])))
+
+
+def test_slurm_launcher_config_composes(make_config):
+    pytest.importorskip(
+        "hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e .[slurm]"
+    )
+    launcher = make_config("hydra/launcher=slurm", return_hydra_config=True).hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 1, 1)  # one process per job
+    assert launcher.submitit_folder.startswith("multirun/")  # resolves: inside the sweep folder
