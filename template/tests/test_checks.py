@@ -106,7 +106,9 @@ def test_overfit_fails_when_the_setup_cannot_learn_and_its_switch_turns_it_off(
 ):
     with pytest.raises(checks.PreflightError) as error:
         pkg.loop.train(make_config(*toy_overrides, "optimizer.lr=1e-9"), tmp_path / "run")
-    assert_names_check(error, "overfit_batch", "checks.overfit_steps=50", "checks.overfit_factor=1.5")
+    assert_names_check(
+        error, "overfit_batch", "checks.overfit_steps=30", "checks.overfit_examples=8", "checks.overfit_factor=1.5"
+    )
 
     result = pkg.loop.train(make_config(*toy_overrides, "optimizer.lr=1e-9", "checks.overfit_batch=false"), tmp_path)
     assert result["step"] == 40

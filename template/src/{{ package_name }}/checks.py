@@ -310,7 +310,8 @@ def check_gradient_flow(accelerator: Accelerator, model, optimizer, scheduler, b
 def check_overfit_batch(
     cfg: DictConfig, accelerator: Accelerator, model, optimizer, scheduler, batch: dict, max_grad_norm: float
 ) -> str:
-    """A few dozen optimizer steps on one fixed batch bring its loss well down: the setup can learn."""
+    """A few dozen optimizer steps on a few fixed examples bring their loss well down: the setup can learn."""
+    batch = {key: value[: cfg.overfit_examples] for key, value in batch.items()}  # few examples memorize fastest
     with preserved(accelerator, model, optimizer, scheduler):
         # The schedule may start at 0 (warmup): train at the learning rates it scales instead.
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
@@ -322,8 +323,9 @@ def check_overfit_batch(
         last = eval_loss(model, [batch])
     target = first / cfg.overfit_factor
     expected = (
-        f"checks.overfit_steps={cfg.overfit_steps} optimizer steps at the base learning rate on one training "
-        f"batch to bring its loss from {first:.4g} to at most {target:.4g} (checks.overfit_factor={cfg.overfit_factor})"
+        f"checks.overfit_steps={cfg.overfit_steps} optimizer steps at the base learning rate on the first "
+        f"{len(batch['labels'])} examples of a training batch (checks.overfit_examples={cfg.overfit_examples}) "
+        f"to bring their loss from {first:.4g} to at most {target:.4g} (checks.overfit_factor={cfg.overfit_factor})"
     )
     verdict(accelerator, "overfit_batch", expected, None if last <= target else f"{last:.4g}")
     return f"loss {first:.4f} -> {last:.4f} in {cfg.overfit_steps} steps"

@@ -144,8 +144,9 @@ class ChecksConfig:
     validation_batches: int = bounded(2, ge=1)
     gradient_flow: bool = True
     overfit_batch: bool = True
-    overfit_steps: int = bounded(50, ge=1)
-    overfit_factor: float = bounded(1.5, gt=1)  # the batch's loss must fall to at most initial / factor
+    overfit_examples: int = bounded(8, ge=1)  # the first examples of a training batch
+    overfit_steps: int = bounded(30, ge=1)
+    overfit_factor: float = bounded(1.5, gt=1)  # their loss must fall to at most initial / factor
     checkpoint_round_trip: bool = True
 
 
