@@ -126,7 +126,8 @@ def differences(expected, actual, path: str = "") -> list:
     if isinstance(expected, dict) and isinstance(actual, dict):
         if expected.keys() != actual.keys():
             return [f"{path} (keys {sorted(map(str, expected))} != {sorted(map(str, actual))})"]
-        return [found for key in expected for found in differences(expected[key], actual[key], f"{path}.{key}")]
+        keys = {key: f"{path}.{key}" if path else str(key) for key in expected}
+        return [found for key, where in keys.items() for found in differences(expected[key], actual[key], where)]
     if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)) and len(expected) == len(actual):
         return [found for i, pair in enumerate(zip(expected, actual)) for found in differences(*pair, f"{path}[{i}]")]
     return [] if type(expected) is type(actual) and expected == actual else [path]
@@ -352,6 +353,13 @@ def perturb(accelerator: Accelerator, model, optimizer, scheduler) -> None:
         torch.rand(1, device=accelerator.device)
 
 
+def _telling_line(error: Exception) -> str:
+    """The line that says what went wrong: torch's weights_only failures bury it under advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    line = next((line for line in lines if "Unsupported global" in line), lines[0])
+    return f"{type(error).__name__}: {line.split('. ')[0]}"
+
+
 def _cpu_load_problems(folder: Path) -> list:
     """Checkpoint files that do not load on the CPU without running pickled code."""
     problems = []
@@ -362,7 +370,7 @@ def _cpu_load_problems(folder: Path) -> list:
             elif file.suffix in {".bin", ".pkl", ".pt", ".pth"}:
                 load(file, map_location="cpu", weights_only=True)  # Accelerate's loader, numpy RNG states allowed
         except Exception as error:
-            problems.append(f"{file.name} ({type(error).__name__}: {error})")
+            problems.append(f"{file.name} ({_telling_line(error)})")
     return problems
 
 
