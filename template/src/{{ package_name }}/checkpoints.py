@@ -44,7 +44,7 @@ def _checksums(folder: Path) -> dict:
     return {str(p.relative_to(folder)): _sha256(p) for p in files}
 
 
-def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: dict) -> Path:
+def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: dict | None = None) -> Path:
     """Save model, optimizer, scheduler, RNG and sampler states, and a JSON record of the run.
 
     The record (trainer state, seed, library versions, resolved config, checksums of every file) is
@@ -62,7 +62,7 @@ def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: di
     if accelerator.is_main_process:
         record = {
             "trainer": trainer_state,
-            "seed": trainer_state["seed"],
+            "seed": trainer_state.get("seed"),
             "versions": versions(),
             "config": config,
             "checksums": _checksums(partial),

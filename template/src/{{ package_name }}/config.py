@@ -147,6 +147,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class ChecksConfig:
+    """Preflight checks before the first optimizer step (see checks.py); each key turns one on or off."""
+
+    enabled: bool = True  # false skips them all
+    inputs: bool = True
+    init_loss: bool = True
+    init_loss_batches: int = bounded(2, ge=1)
+    init_loss_tolerance: float = bounded(0.5, gt=0)  # |loss - ln(classes)| <= tolerance * ln(classes)
+    validation: bool = True
+    validation_batches: int = bounded(2, ge=1)
+    gradient_flow: bool = True
+    overfit_batch: bool = True
+    overfit_examples: int = bounded(8, ge=1)  # the first examples of a training batch
+    overfit_steps: int = bounded(30, ge=1)
+    overfit_factor: float = bounded(1.5, gt=1)  # their loss must fall to at most initial / factor
+    checkpoint_round_trip: bool = True
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +173,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     # "latest" (newest checkpoint of this run folder, if any) or a checkpoint folder.
     resume: str | None = None
 

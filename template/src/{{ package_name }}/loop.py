@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from . import checkpoints, launch
+from .checks import run_preflight_checks
 from .config import ConfigError, KeepPolicy, MetricMode, NonFiniteLoss, Tracker, to_container, validate
 from .data import load_splits, make_dataloaders, tokenize
 from .model import build_model, build_tokenizer
@@ -166,6 +167,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_from is not None:
         state = checkpoints.load(accelerator, resume_from)
         logger.info(f"resumed from {resume_from} at step {state['step']}", main_process_only=True)
+    else:  # a fresh run: sanity checks before the first step, leaving the run as it would be without them
+        run_preflight_checks(
+            cfg.checks,
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            train_dl,
+            eval_dl,
+            evaluate=evaluate,
+            run_dir=run_dir,
+            trainer_state=state,
+            max_grad_norm=cfg.trainer.max_grad_norm,
+        )
 
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
     progress = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)

@@ -1,0 +1,225 @@
+"""Preflight checks: each passes on the toy setup and fails on a setup broken on purpose, with a message naming
+the check, what it expected, what it saw and its off switch; and a run with checks is bit-identical to one
+without."""
+
+import importlib
+import logging
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import PACKAGE
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+checks = importlib.import_module(f"{PACKAGE}.checks")
+optim = importlib.import_module(f"{PACKAGE}.optim")
+CHECKS = ["inputs", "init_loss", "validation", "gradient_flow", "overfit_batch", "checkpoint_round_trip"]
+
+
+def assert_names_check(error, check: str, *fragments: str) -> None:
+    message = str(error.value)
+    assert f"preflight check {check} failed: expected " in message and "; saw " in message
+    assert f"checks.{check}=false" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture
+def toy(pkg, make_config, toy_overrides, tmp_path):
+    """The toy run's objects, built and prepared the way loop.train builds them, and two training batches."""
+
+    def build(register_scheduler=True):
+        cfg = make_config(*toy_overrides)
+        accelerator = pkg.loop.make_accelerator(cfg.trainer, tmp_path)
+        tokenizer = pkg.model.build_tokenizer(cfg.model)
+        splits = pkg.data.load_splits(cfg.data, cfg.trainer.seed)
+        tokenized = pkg.data.tokenize(splits, cfg.data, tokenizer)
+        train_dl, eval_dl = pkg.data.make_dataloaders(tokenized, cfg.data, tokenizer, cfg.trainer.seed)
+        labels = splits["train"].features["label"].names
+        model = pkg.model.build_model(cfg.model, labels, tokenizer, cfg.data.max_length)
+        optimizer = optim.build_optimizer(cfg.optimizer, model)
+        scheduler = optim.build_scheduler(cfg.scheduler, optimizer, cfg.trainer.max_steps)
+        model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+        if register_scheduler:
+            accelerator.register_for_checkpointing(scheduler)
+        return SimpleNamespace(
+            objects=(accelerator, model, optimizer, scheduler),
+            train_dl=train_dl,
+            batches=checks.take_batches(train_dl, 2),
+        )
+
+    return build
+
+
+def test_checks_pass_and_leave_the_run_bit_identical(pkg, make_config, toy_overrides, tmp_path, caplog):
+    # The tiny random model: dropout draws from the RNG, so the checks must restore it; accumulation and
+    # warmup make the step counter and the schedule matter too.
+    overrides = [o for o in toy_overrides if not o.startswith("model.")] + [
+        "trainer.max_steps=6",
+        "scheduler=linear",
+        "scheduler.warmup_steps=2",
+        "trainer.gradient_accumulation_steps=2",
+    ]
+    caplog.set_level(logging.INFO, logger=checks.__name__)
+    checked = pkg.loop.train(make_config(*overrides), tmp_path / "checked")
+    for name in CHECKS:
+        assert re.search(f"preflight {name}: passed in", caplog.text), caplog.text
+    assert not (tmp_path / "checked" / checks.TEMP_FOLDER).exists()
+
+    unchecked = pkg.loop.train(make_config(*overrides, "checks.enabled=false"), tmp_path / "unchecked")
+    assert checked["losses"] == unchecked["losses"]
+    final = [load_file(tmp_path / run / "model" / "model.safetensors") for run in ("checked", "unchecked")]
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+
+
+def save_model_with_bias(source, folder, bias):
+    """The toy model with its classifier bias set: a setup broken on purpose, saved like any other model."""
+    model = AutoModelForSequenceClassification.from_pretrained(source)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor(bias))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+def test_init_loss_far_from_ln_classes_names_both_numbers(pkg, make_config, toy_overrides, tiny_model_dir, tmp_path):
+    broken = save_model_with_bias(tiny_model_dir, tmp_path / "model", [30.0, -30.0])
+    cfg = make_config(*toy_overrides, f"model.name_or_path='{broken}'")  # the later override wins
+    with pytest.raises(checks.PreflightError) as error:
+        pkg.loop.train(cfg, tmp_path / "run")
+    assert_names_check(error, "init_loss", "ln(2) = 0.6931")
+    assert float(re.search(r"; saw (\d+(\.\d+)?)", str(error.value)).group(1)) > 5
+
+
+def test_validation_with_non_finite_metrics_fails(pkg, make_config, toy_overrides, tiny_model_dir, tmp_path):
+    broken = save_model_with_bias(tiny_model_dir, tmp_path / "model", [float("nan")] * 2)
+    cfg = make_config(*toy_overrides, f"model.name_or_path='{broken}'", "checks.init_loss=false")
+    with pytest.raises(checks.PreflightError) as error:
+        pkg.loop.train(cfg, tmp_path / "run")
+    assert_names_check(error, "validation", "finite metrics", "'loss': nan")
+
+
+def test_overfit_fails_when_the_setup_cannot_learn_and_its_switch_turns_it_off(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    with pytest.raises(checks.PreflightError) as error:
+        pkg.loop.train(make_config(*toy_overrides, "optimizer.lr=1e-9"), tmp_path / "run")
+    assert_names_check(
+        error, "overfit_batch", "checks.overfit_steps=30", "checks.overfit_examples=8", "checks.overfit_factor=1.5"
+    )
+
+    result = pkg.loop.train(make_config(*toy_overrides, "optimizer.lr=1e-9", "checks.overfit_batch=false"), tmp_path)
+    assert result["step"] == 40
+
+
+def test_gradient_flow_names_a_trainable_parameter_the_loss_does_not_use(toy):
+    setup = toy()
+    checks.check_gradient_flow(*setup.objects, setup.batches[0])
+
+    setup.objects[1].register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(checks.PreflightError) as error:
+        checks.check_gradient_flow(*setup.objects, setup.batches[0])
+    assert_names_check(error, "gradient_flow", "unused (no gradient: not used by the loss)")
+    assert "bert.pooler" not in str(error.value)  # every parameter the loss uses is fine
+
+
+@pytest.mark.parametrize(
+    "key, value, seen",
+    [("labels", 2, "labels from 0 to 2"), ("labels", -1, "labels from -1 to"), ("input_ids", 10**6, "to 1000000")],
+)
+def test_inputs_out_of_range_fail_before_any_forward_pass(toy, key, value, seen):
+    setup = toy()
+    accelerator, model, *_ = setup.objects
+    checks.check_inputs(accelerator, model, setup.batches)
+    setup.batches[1][key][0, ...] = value
+    with pytest.raises(checks.PreflightError) as error:
+        checks.check_inputs(accelerator, model, setup.batches)
+    assert_names_check(error, "inputs", "labels, class ids in [0, 2)", seen)
+
+
+def test_round_trip_fails_when_the_scheduler_is_not_checkpointed(toy, tmp_path):
+    setup = toy(register_scheduler=False)
+    trainer_state = {"step": 0, "batches_seen": 0, "metrics": {}}
+    with pytest.raises(checks.PreflightError) as error:
+        checks.check_checkpoint_round_trip(*setup.objects, setup.batches[0], tmp_path / "tmp", trainer_state, 1.0)
+    assert_names_check(error, "checkpoint_round_trip", "scheduler.last_epoch")
+    assert not (tmp_path / "tmp").exists()
+
+
+class RunNotes:
+    """A checkpointed object whose state needs pickled code to load: a Path is not among torch's safe types."""
+
+    def __init__(self):
+        self.folder = Path("data")
+
+    def state_dict(self):
+        return {"folder": self.folder}
+
+    def load_state_dict(self, state):
+        self.folder = state["folder"]
+
+
+def test_round_trip_fails_when_a_file_needs_pickled_code_to_load(toy, tmp_path):
+    setup = toy()
+    setup.objects[0].register_for_checkpointing(RunNotes())
+    with pytest.raises(checks.PreflightError) as error:
+        checks.check_checkpoint_round_trip(*setup.objects, setup.batches[0], tmp_path / "tmp", {"step": 0}, 1.0)
+    assert_names_check(error, "checkpoint_round_trip", "do not load on the CPU with weights_only=True", "PosixPath")
+    assert "custom_checkpoint_1.pkl" in str(error.value) and "custom_checkpoint_0.pkl" not in str(error.value)
+
+
+def tamper_model_file(path):
+    tensors = load_file(path / "model.safetensors")
+    tensors["classifier.bias"] += 1
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def drop_rng_file(path):
+    (path / "random_states_0.pkl").unlink()  # Accelerate then only logs "Could not load random states"
+
+
+@pytest.mark.parametrize(
+    "tamper, changed",
+    [(tamper_model_file, ("model.classifier.bias",)), (drop_rng_file, ("rng.", "step"))],  # the step is in it
+)
+def test_the_round_trip_comparison_catches_a_tampered_checkpoint(pkg, toy, tmp_path, tamper, changed):
+    setup = toy()
+    accelerator, model, optimizer, scheduler = setup.objects
+    checks.train_step(accelerator, model, optimizer, setup.batches[0], 1.0)
+    saved = checks.snapshot(accelerator, model, optimizer, scheduler)
+    path = pkg.checkpoints.save(accelerator, tmp_path / "ckpt", {"step": 1})
+    pkg.checkpoints.load(accelerator, path)
+    assert checks.differences(saved, checks.snapshot(accelerator, model, optimizer, scheduler)) == []
+
+    tamper(path)
+    with pytest.raises(pkg.checkpoints.CorruptCheckpointError):  # resume refuses it by its checksums...
+        pkg.checkpoints.load(accelerator, path)
+    checks.perturb(accelerator, model, optimizer, scheduler)
+    accelerator.load_state(str(path))  # ...and the round-trip comparison would catch it too
+    found = checks.differences(saved, checks.snapshot(accelerator, model, optimizer, scheduler))
+    assert found and all(place.startswith(changed) for place in found), found
+
+
+def test_taking_batches_leaves_the_dataloader_as_it_was(toy):
+    train_dl = toy().train_dl
+    generator_state, rng_state = train_dl.generator.get_state(), torch.get_rng_state()
+    first = checks.take_batches(train_dl, 2)
+    assert torch.equal(train_dl.generator.get_state(), generator_state)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert train_dl.gradient_state.active_dataloader is None  # not left registered as if mid-pass
+    assert torch.equal(checks.take_batches(train_dl, 2)[1]["input_ids"], first[1]["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        ("checks.overfit_factor=1", "checks.overfit_factor=1.0 is out of range: it must be > 1"),
+        ("checks.validation_batches=0", "checks.validation_batches=0 is out of range: it must be >= 1"),
+    ],
+)
+def test_nonsense_check_settings_fail_validation(pkg, make_config, override, problem):
+    with pytest.raises(pkg.config.ConfigError, match=re.escape(problem)):
+        pkg.config.validate(make_config(override))
