@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     start = time.perf_counter()
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-    from conftest import PACKAGE, compose_config, overfit_overrides, save_tiny_model, write_toy_csv
+    from conftest import (
+        PACKAGE,
+        compose_config,
+        overfit_overrides,
+        reset_accelerate_state,
+        save_tiny_model,
+        write_toy_csv,
+    )
 
     train = __import__(f"{PACKAGE}.loop", fromlist=["train"]).train
     imports = time.perf_counter() - start
@@ -30,10 +37,7 @@ def main() -> None:
             rows.append((f"{run} training run: train() end to end", time.perf_counter() - begin))
             rows.append((f"{run} training run: optimizer steps only ({result['step']})", result["train_seconds"]))
             rows.append((f"{run} training run: final accuracy (not seconds)", result["metrics"]["accuracy"]))
-            from accelerate.state import AcceleratorState, GradientState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+            reset_accelerate_state()
 
     begin = time.perf_counter()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_overfit.py"]

@@ -2,7 +2,7 @@
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate_state
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -21,14 +21,9 @@ def test_batch_8_with_4_accumulation_steps_updates_like_batch_32(pkg, make_confi
     assert any(not torch.equal(accumulated[name], single[name]) for name in single)  # not the same code path
 
 
-def reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def tiny_lm(accumulation_steps: int) -> tuple:
     """A tiny causal LM (no dropout, same init every time) prepared by a fresh Accelerator."""
-    reset_accelerate()
+    reset_accelerate_state()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation_steps)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2)
