@@ -92,12 +92,14 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
 
     # Accelerate deals the seeded batches of 4 out in turn (process i takes batches i, i+2, ...), so optimizer step k
     # sees batches 2k and 2k+1: what one process sees with batch 4 and 2 accumulation steps. DDP averages the two
-    # gradients, accumulation adds two halves: exact halvings either way, so the weights are bit-identical.
+    # gradients, accumulation adds two halves: exact halvings either way. Bit-identical when both sides use the
+    # same number of threads; launched ranks get OMP_NUM_THREADS=1 (torchrun's default) and this process may use
+    # more, which changes matmul rounding by ulps: compare within 1e-5 after 10 Adam steps.
     accumulated = pkg.loop.train(
         make_config(*overrides, "trainer.gradient_accumulation_steps=2"), tmp_path / "accumulated"
     )
     one = load_file(tmp_path / "accumulated" / "model" / "model.safetensors")
-    assert all(torch.equal(two[name], one[name]) for name in two)
+    assert all(torch.allclose(two[name], one[name], rtol=0, atol=1e-5) for name in two)
     # Evaluation too: the same predictions, and the loss summed in another order (measured 1e-8 apart, relative).
     assert result["metrics"]["accuracy"] == accumulated["metrics"]["accuracy"]
     assert result["metrics"]["loss"] == pytest.approx(accumulated["metrics"]["loss"], rel=1e-6)
