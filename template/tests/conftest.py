@@ -1,8 +1,7 @@
-"""Shared fixtures: offline Hugging Face libraries, the real Hydra config, a tiny saved model, toy data."""
+"""Shared fixtures: offline Hugging Face libraries, the real Hydra config, and each task's toy run."""
 
 import importlib
 import os
-import random
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,88 +44,69 @@ def fresh_accelerator_state():
     reset_accelerate_state()
 
 
-def compose_config(*overrides: str, return_hydra_config: bool = False):
-    """Compose the project's real Hydra config (configs/train.yaml) with command-line style overrides."""
+def compose_config(*overrides: str, return_hydra_config: bool = False, config_name: str = "train"):
+    """Compose the project's real Hydra config (configs/train.yaml, or evaluate.yaml) with command-line overrides."""
     importlib.import_module(f"{PACKAGE}.config").register_configs()
     importlib.import_module(f"{PACKAGE}.launch")  # registers the resolvers that the `hydra` node uses
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """A tiny BERT and byte-level tokenizer saved with save_pretrained: loading it is the real hub path."""
-    from transformers import AutoModelForSequenceClassification, BertConfig, ByT5Tokenizer
-
-    tokenizer = ByT5Tokenizer(extra_ids=0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=2,
-    )
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+# Each task's test file, tests/test_task_<task>.py, has a `toy(folder, train_examples, validation_examples)`: it saves
+# a tiny model (save_pretrained, loaded back like any hub model) and toy data into `folder` and returns the overrides
+# of a run that memorizes the data in a few seconds. The task-agnostic tests run on these toys.
+TASKS = sorted(path.stem.removeprefix("test_task_") for path in Path(__file__).parent.glob("test_task_*.py"))
+TOY_RUN = [  # what every toy run shares: constant lr, no tracker, evaluation and checkpoints only at the end
+    "scheduler=constant",
+    "optimizer.weight_decay=0",
+    "trainer.eval_every_n_steps=0",
+    "trainer.log_with=none",
+    "checkpoint.every_n_steps=0",
+]
 
 
-def write_toy_csv(path: Path) -> Path:
-    """32 short strings; label 1 when the string is mostly vowels (a rule, not noise)."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(32):
-        label = i % 2
-        letters = "aeiou" * 3 + "bcdfg" if label else "bcdfgklmnp" * 2 + "ae"
-        rows.append(("".join(rng.choice(letters) for _ in range(rng.randint(5, 12))), label))
-    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
-    return path
+def task_name(cfg) -> str:
+    """The task of a composed config: the module of its `task._target_` class."""
+    return cfg.task._target_.rsplit(".", 2)[-2]
 
 
-def overfit_overrides(model_dir: Path, csv_path: Path) -> list:
-    """The e2e configuration: the tiny saved model memorizing the toy data (train = validation)."""
-    return [
-        f"model.name_or_path='{model_dir}'",
-        "data=files",
-        f"data.files={{train:'{csv_path}',validation:'{csv_path}'}}",
-        "data.batch_size=8",
-        "data.max_length=16",
-        "optimizer.lr=3e-3",
-        "optimizer.weight_decay=0",
-        "scheduler=constant",
-        "trainer.max_steps=40",
-        "trainer.eval_every_n_steps=0",
-        "trainer.log_with=none",
-        "checkpoint.every_n_steps=0",
-    ]
+def toy_overrides_for(task: str, folder: Path, train_examples: int = 32, validation_examples: int | None = None):
+    """The toy run of `task` (train = validation unless `validation_examples` asks for another count)."""
+    toy = importlib.import_module(f"test_task_{task}").toy
+    return [f"task={task}", *TOY_RUN, *toy(folder, train_examples, validation_examples)]
+
+
+@pytest.fixture(scope="session")
+def default_task():
+    """The task that `python train.py` runs (the first one the project was generated with)."""
+    return task_name(compose_config())
+
+
+@pytest.fixture(scope="session")
+def toys(tmp_path_factory):
+    """toys(task) -> that task's toy overrides, built once per test session."""
+    built = {}
+
+    def get(task: str) -> list:
+        if task not in built:
+            built[task] = toy_overrides_for(task, tmp_path_factory.mktemp(f"toy_{task}"))
+        return built[task]
+
+    return get
+
+
+@pytest.fixture
+def toy_overrides(toys, default_task):
+    return toys(default_task)
 
 
 @pytest.fixture(scope="session")
 def pkg():
     """The project's package modules (tests stay free of the package name)."""
-    names = ["checkpoints", "config", "data", "launch", "loop", "model"]
-    return SimpleNamespace(**{name: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
+    names = ["checkpoints", "checks", "config", "data", "launch", "loop", "modeling", "optim", "tasks.base"]
+    return SimpleNamespace(**{name.replace(".", "_"): importlib.import_module(f"{PACKAGE}.{name}") for name in names})
 
 
 @pytest.fixture(scope="session")
 def make_config():
     return compose_config
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
-
-
-@pytest.fixture(scope="session")
-def toy_csv(tmp_path_factory):
-    return write_toy_csv(tmp_path_factory.mktemp("toy") / "toy.csv")
-
-
-@pytest.fixture
-def toy_overrides(tiny_model_dir, toy_csv):
-    return overfit_overrides(tiny_model_dir, toy_csv)

@@ -61,10 +61,9 @@ def test_a_half_written_checkpoint_is_never_resumed_from(pkg, make_config, check
     assert resumed["losses"] == full["losses"][5:]
 
 
-@pytest.mark.parametrize("keep, kept_steps", [("latest", [7, 8]), ("best", [1, 8]), ("top_k", [1, 2, 8])])
+@pytest.mark.parametrize("keep, kept_steps", [("latest", [7, 8]), ("best", [8]), ("top_k", [7, 8])])
 def test_keep_policy(pkg, make_config, toy_overrides, tmp_path, keep, kept_steps):
-    # Monitor eval loss in "max" mode: as the model memorizes, the loss falls at every step, so the
-    # "best" checkpoints are the oldest ones and the policy must keep them over newer ones.
+    # The monitored eval loss falls at every step as the model memorizes: the best checkpoints are the newest.
     overrides = [
         *toy_overrides,
         "trainer.max_steps=8",
@@ -72,15 +71,31 @@ def test_keep_policy(pkg, make_config, toy_overrides, tmp_path, keep, kept_steps
         "checkpoint.every_n_steps=1",
         f"checkpoint.keep={keep}",
         "checkpoint.keep_count=2",
-        "checkpoint.monitor=loss",
-        "checkpoint.mode=max",
+        "checkpoint.monitor=loss",  # mode: the metric's own (min)
     ]
     pkg.loop.train(make_config(*overrides), tmp_path)
     kept = pkg.checkpoints.list_complete(tmp_path / "checkpoints")
     assert [path.name for path in kept] == [STEP.format(step) for step in kept_steps]
-    losses = [pkg.checkpoints.read_record(path)["trainer"]["metrics"]["loss"] for path in kept]
-    assert losses == sorted(losses, reverse=True)
     assert (tmp_path / "best_model" / "model.safetensors").is_file() == (keep != "latest")
+
+
+@pytest.mark.parametrize("keep, ranked", [("best", 1), ("top_k", 2)])
+def test_keep_policy_keeps_older_better_checkpoints_over_newer_ones(
+    pkg, make_config, toy_overrides, tmp_path, keep, ranked
+):
+    # Ranked with "max" on a loss that falls as the model memorizes, the best checkpoints are old ones, and the
+    # policy must keep them over newer ones (and the newest, to resume from).
+    overrides = [*toy_overrides, "trainer.max_steps=8", "trainer.eval_every_n_steps=1", "checkpoint.every_n_steps=1"]
+    pkg.loop.train(make_config(*overrides, "checkpoint.keep_count=8"), tmp_path)
+    found = pkg.checkpoints.list_complete(tmp_path / "checkpoints")
+    loss = {path.name: pkg.checkpoints.read_record(path)["trainer"]["metrics"]["loss"] for path in found}
+    highest = sorted(loss, key=loss.get, reverse=True)[:ranked]
+    assert STEP.format(8) not in highest  # else this would not test the policy
+
+    policy = make_config(f"checkpoint.keep={keep}", "checkpoint.keep_count=2").checkpoint
+    pkg.checkpoints.prune(tmp_path / "checkpoints", policy, "loss", pkg.config.MetricMode.max)
+    kept = [path.name for path in pkg.checkpoints.list_complete(tmp_path / "checkpoints")]
+    assert kept == sorted([*highest, STEP.format(8)])
 
 
 def test_early_stopping_stops_every_process_and_is_recorded(pkg, make_config, toy_overrides, tmp_path):

@@ -1,6 +1,7 @@
 """The training entry point end to end: the command line, the exported model, resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,6 @@ import torch
 import yaml
 from conftest import PROJECT_ROOT
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
 def test_default_command_line_trains_evaluates_checkpoints_and_exports(tmp_path):
@@ -30,29 +30,16 @@ def test_default_command_line_trains_evaluates_checkpoints_and_exports(tmp_path)
         env=dict(os.environ),
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "validation accuracy" in done.stdout
+    assert "validation " in done.stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["step"] == 30 and 0.0 <= metrics["metrics"]["accuracy"] <= 1.0
+    assert metrics["step"] == 30 and math.isfinite(metrics["metrics"][metrics["monitor"]])
     # keep=latest with keep_count=2: the two newest of steps 10, 20, 30
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000020", "step_00000030"]
     assert (run_dir / "model" / "model.safetensors").is_file()
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     if config["trainer"]["log_with"] == "tensorboard":  # curves and hyperparameters, under the run folder
         assert list((run_dir / config["trainer"]["tracker_project"]).rglob("events.out.tfevents.*"))
-
-
-def test_exported_model_loads_with_from_pretrained_on_cpu(pkg, make_config, toy_overrides, toy_csv, tmp_path):
-    result = pkg.loop.train(make_config(*toy_overrides), tmp_path)
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
-    rows = [line.rsplit(",", 1) for line in toy_csv.read_text().splitlines()[1:]]
-    with torch.no_grad():
-        batch = tokenizer([text for text, _ in rows], padding=True, truncation=True, max_length=16, return_tensors="pt")
-        predictions = model(**batch).logits.argmax(-1)
-    accuracy = (predictions == torch.tensor([int(label) for _, label in rows])).float().mean().item()
-    assert accuracy == result["metrics"]["accuracy"]
-    assert all(tensor.device.type == "cpu" for tensor in load_file(tmp_path / "model" / "model.safetensors").values())
 
 
 @pytest.mark.parametrize("accumulation", [1, 2, 3])  # 3: cycles span epoch ends

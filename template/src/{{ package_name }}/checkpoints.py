@@ -14,8 +14,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import load as safe_load
 from omegaconf import DictConfig
+from safetensors.torch import save_file
 
 from .config import KeepPolicy, MetricMode
+from .modeling import WEIGHTS_FILE
 
 logger = get_logger(__name__)
 
@@ -71,6 +73,7 @@ def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: di
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
+        logger.info(f"checkpoint saved: {final}")
     accelerator.wait_for_everyone()
     return final
 
@@ -135,16 +138,17 @@ def load(accelerator: Accelerator, path: Path) -> dict:
     return record["trainer"]
 
 
-def prune(folder: Path, cfg: DictConfig) -> None:
-    """Delete checkpoints the keep policy does not keep; the newest one is always kept (to resume)."""
+def prune(folder: Path, cfg: DictConfig, metric: str, mode: MetricMode) -> None:
+    """Delete checkpoints the keep policy does not keep; the newest one is always kept (to resume).
+    `metric` and `mode` rank them for keep=best and keep=top_k."""
     found = list_complete(folder)
     keep = set(found[-cfg.keep_count :] if cfg.keep == KeepPolicy.latest else found[-1:])
     if cfg.keep != KeepPolicy.latest:
         metrics = {p: read_record(p)["trainer"]["metrics"] for p in found}
         scored = sorted(
-            (p for p in found if cfg.monitor.value in metrics[p]),
-            key=lambda p: metrics[p][cfg.monitor.value],
-            reverse=cfg.mode == MetricMode.max,
+            (p for p in found if metric in metrics[p]),
+            key=lambda p: metrics[p][metric],
+            reverse=mode == MetricMode.max,
         )
         keep.update(scored[: 1 if cfg.keep == KeepPolicy.best else cfg.keep_count])
     for path in found:
@@ -152,8 +156,10 @@ def prune(folder: Path, cfg: DictConfig) -> None:
             shutil.rmtree(path)
 
 
-def export(accelerator: Accelerator, model, tokenizer, folder: Path) -> None:
-    """Write a `from_pretrained` folder (safetensors on CPU, config, tokenizer) on the main process.
+def export(accelerator: Accelerator, model, processor, folder: Path) -> None:
+    """Write a `from_pretrained` folder (safetensors on CPU, config, tokenizer or image processor) on the main
+    process. Your own module (no save_pretrained) gets its weights in model.safetensors, which
+    `model.name_or_path=<folder>` loads back into it (modeling.build_own_module).
 
     Every process calls this: `get_state_dict` gathers the full state dict when the model is sharded
     (FSDP, DeepSpeed ZeRO-3).
@@ -161,6 +167,13 @@ def export(accelerator: Accelerator, model, tokenizer, folder: Path) -> None:
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
-        tokenizer.save_pretrained(folder)
+        unwrapped = accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "save_pretrained"):
+            unwrapped.save_pretrained(folder, state_dict=state_dict)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Copies: safetensors refuses tensors that share memory (tied weights).
+            save_file({name: t.clone() for name, t in state_dict.items()}, folder / WEIGHTS_FILE, {"format": "pt"})
+        if processor is not None:
+            processor.save_pretrained(folder)
     accelerator.wait_for_everyone()

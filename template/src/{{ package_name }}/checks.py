@@ -27,10 +27,10 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 
 from . import checkpoints
+from .tasks.base import Task
 
 logger = get_logger(__name__)
 
-IGNORE_INDEX = -100  # labels the loss skips (the transformers convention)
 TEMP_FOLDER = ".preflight_checkpoint"  # inside the run folder, removed after the round trip
 # Sharded or compiled-graph backends keep parameters and optimizer state where these checks cannot see them.
 UNSUPPORTED = {DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA}
@@ -178,19 +178,19 @@ def take_batches(dataloader, count: int) -> list:
 
 
 @torch.no_grad()
-def eval_loss(model, batches: list) -> float:
-    """Mean loss over `batches` with dropout off, leaving the model in the mode it was in."""
+def eval_loss(task: Task, model, batches: list) -> float:
+    """The task's mean loss per labelled item over `batches` with dropout off, leaving the model's mode as it was."""
     training = model.training
     model.eval()
     try:
-        return torch.stack([model(**batch).loss.float() for batch in batches]).mean().item()
+        return (sum(task.loss(model, batch) for batch in batches) / sum(task.labelled(b) for b in batches)).item()
     finally:
         model.train(training)
 
 
-def train_step(accelerator: Accelerator, model, optimizer, batch: dict, max_grad_norm: float) -> None:
+def train_step(accelerator: Accelerator, task: Task, model, optimizer, batch: dict, max_grad_norm: float) -> None:
     """One optimizer step on `batch`, taken as the loop takes it (the batch is a whole accumulation cycle)."""
-    loss = model(**batch).loss
+    loss = task.loss(model, batch) / task.labelled(batch)
     # accelerator.backward divides by the accumulation steps; here one batch is the whole cycle.
     accelerator.backward(loss * accelerator.gradient_accumulation_steps)
     if max_grad_norm > 0:
@@ -199,65 +199,43 @@ def train_step(accelerator: Accelerator, model, optimizer, batch: dict, max_grad
     optimizer.zero_grad()
 
 
-def num_classes(accelerator: Accelerator, model) -> int:
-    return accelerator.unwrap_model(model).config.num_labels
-
-
 # The checks: each returns a one-line summary for the log, or raises PreflightError -------------------------
 
 
-def _input_problem(batch: dict, vocab_size: int, classes: int) -> str | None:
-    ids = batch["input_ids"]
-    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
-        return f"input_ids from {ids.min().item()} to {ids.max().item()}"
-    labels = batch.get("labels")
-    if labels is None:
-        return "a batch without labels"
-    if labels.is_floating_point():
-        return None if torch.isfinite(labels).all() else "non-finite labels"
-    real = labels[labels != IGNORE_INDEX]
-    if real.numel() and (real.min() < 0 or real.max() >= classes):
-        return f"labels from {real.min().item()} to {real.max().item()}"
-    return None
-
-
-def check_inputs(accelerator: Accelerator, model, batches: list) -> str:
-    """Token ids inside the embedding table, labels finite and in [0, classes).
-
-    Runs before any forward pass: on a GPU an out-of-range id or label stops the process with an opaque
-    device-side assert instead of an error message.
-    """
-    vocab_size = accelerator.unwrap_model(model).get_input_embeddings().num_embeddings
-    classes = num_classes(accelerator, model)
-    problems = (_input_problem(batch, vocab_size, classes) for batch in batches)
+def check_inputs(accelerator: Accelerator, task: Task, model, batches: list) -> str:
+    """The task's input check on every batch (token ids inside the embedding table, labels in range, finite
+    values), before any forward pass: on a GPU an out-of-range id or label stops the process with an opaque
+    device-side assert instead of an error message."""
+    unwrapped = accelerator.unwrap_model(model)
+    problems = (task.input_problem(unwrapped, batch) for batch in batches)
     expected = (
-        f"input_ids in [0, {vocab_size}) (the rows of the embedding table) and finite labels, "
-        f"class ids in [0, {classes}) (or {IGNORE_INDEX}, ignored), in {len(batches)} batches"
+        f"token ids inside the embedding table, finite values, and labels in [0, {task.num_outputs(unwrapped)}) "
+        f"or ignored, in {len(batches)} batches"
     )
     verdict(accelerator, "inputs", expected, next((p for p in problems if p is not None), None))
     return f"{len(batches)} batches"
 
 
-def check_init_loss(cfg: DictConfig, accelerator: Accelerator, model, batches: list) -> str:
-    """The untrained model predicts about uniformly, so its loss is near ln(number of classes).
+def check_init_loss(cfg: DictConfig, accelerator: Accelerator, task: Task, model, batches: list) -> str:
+    """The untrained model predicts about uniformly, so its loss is near ln(number of outputs) (the task's
+    `expected_init_loss`: classes for a classifier, the vocabulary for generated text).
 
     A pretrained body with a new random head predicts about uniformly too. Far off means a broken head, a
     wrong label count, or labels that leak into the inputs; a head trained before is also far off.
     """
-    classes = num_classes(accelerator, model)
-    if classes < 2:
-        return "skipped: one output is a regression, not a classifier"
-    loss = eval_loss(model, batches)
+    uniform = task.expected_init_loss(accelerator.unwrap_model(model))
+    if uniform is None:
+        return "skipped: the task expects no particular loss from this model (a pretrained one)"
+    loss = eval_loss(task, model, batches)
     loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
-    uniform = math.log(classes)
     tolerance = cfg.init_loss_tolerance * uniform
     expected = (
         f"the mean loss of the untrained model on {len(batches)} training batches within {tolerance:.4g} of "
-        f"ln({classes}) = {uniform:.4g}, the loss of uniform predictions (checks.init_loss_tolerance="
-        f"{cfg.init_loss_tolerance} of ln({classes}))"
+        f"{uniform:.4g} = ln({math.exp(uniform):.0f}), the loss of uniform predictions "
+        f"(checks.init_loss_tolerance={cfg.init_loss_tolerance} of it)"
     )
     verdict(accelerator, "init_loss", expected, None if abs(loss - uniform) <= tolerance else f"{loss:.4g}")
-    return f"loss {loss:.4f}, ln({classes}) = {uniform:.4f}"
+    return f"loss {loss:.4f}, uniform {uniform:.4f}"
 
 
 def check_validation(accelerator: Accelerator, model, batches: list, evaluate) -> str:
@@ -265,7 +243,7 @@ def check_validation(accelerator: Accelerator, model, batches: list, evaluate) -
     expected = f"the evaluation to run end to end on {len(batches)} validation batches with finite metrics"
     training = model.training
     try:
-        metrics = evaluate(model, batches, accelerator)
+        metrics = evaluate(model, batches)
     except Exception as error:
         # Not gathered: the other processes may be stuck in the evaluation's collectives already.
         raise PreflightError(failure_message("validation", expected, f"{type(error).__name__}: {error}")) from error
@@ -292,13 +270,13 @@ def _gradient_problems(model) -> list:
     return problems
 
 
-def check_gradient_flow(accelerator: Accelerator, model, optimizer, scheduler, batch: dict) -> str:
+def check_gradient_flow(accelerator: Accelerator, task: Task, model, optimizer, scheduler, batch: dict) -> str:
     """After one backward pass every trainable parameter tensor has a finite, non-zero gradient."""
     with preserved(accelerator, model, optimizer, scheduler):
         model.train()
         # A plain backward: accelerator.backward would multiply by the fp16 loss scale, whose first value
         # often overflows on purpose (the scaler then lowers it): this check wants the true gradients.
-        model(**batch).loss.backward()
+        task.loss(model, batch).backward()
         problems = _gradient_problems(accelerator.unwrap_model(model))
     trainable = sum(p.requires_grad for p in model.parameters())
     expected = f"a finite, non-zero gradient in each of the {trainable} trainable parameter tensors after one backward"
@@ -309,7 +287,14 @@ def check_gradient_flow(accelerator: Accelerator, model, optimizer, scheduler, b
 
 
 def check_overfit_batch(
-    cfg: DictConfig, accelerator: Accelerator, model, optimizer, scheduler, batch: dict, max_grad_norm: float
+    cfg: DictConfig,
+    accelerator: Accelerator,
+    task: Task,
+    model,
+    optimizer,
+    scheduler,
+    batch: dict,
+    max_grad_norm: float,
 ) -> str:
     """A few dozen optimizer steps on a few fixed examples bring their loss well down: the setup can learn."""
     batch = {key: value[: cfg.overfit_examples] for key, value in batch.items()}  # few examples memorize fastest
@@ -317,11 +302,11 @@ def check_overfit_batch(
         # The schedule may start at 0 (warmup): train at the learning rates it scales instead.
         for group, base_lr in zip(optimizer.param_groups, getattr(scheduler, "scheduler", scheduler).base_lrs):
             group["lr"] = base_lr
-        first = eval_loss(model, [batch])
+        first = eval_loss(task, model, [batch])
         model.train()
         for _ in range(cfg.overfit_steps):
-            train_step(accelerator, model, optimizer, batch, max_grad_norm)
-        last = eval_loss(model, [batch])
+            train_step(accelerator, task, model, optimizer, batch, max_grad_norm)
+        last = eval_loss(task, model, [batch])
     target = first / cfg.overfit_factor
     expected = (
         f"checks.overfit_steps={cfg.overfit_steps} optimizer steps at the base learning rate on the first "
@@ -376,6 +361,7 @@ def _cpu_load_problems(folder: Path) -> list:
 
 def check_checkpoint_round_trip(
     accelerator: Accelerator,
+    task: Task,
     model,
     optimizer,
     scheduler,
@@ -387,7 +373,7 @@ def check_checkpoint_round_trip(
     """Save the training state, scramble the live objects, load it back: everything is restored bit for
     bit (RNG states included: Accelerate only logs a failed RNG restore), and the files load on a CPU."""
     with preserved(accelerator, model, optimizer, scheduler):
-        train_step(accelerator, model, optimizer, batch, max_grad_norm)  # so the optimizer has state to save
+        train_step(accelerator, task, model, optimizer, batch, max_grad_norm)  # so the optimizer has state to save
         saved = snapshot(accelerator, model, optimizer, scheduler)
         iteration = accelerator.project_configuration.iteration
         try:
@@ -416,6 +402,7 @@ def check_checkpoint_round_trip(
 def run_preflight_checks(
     cfg: DictConfig,
     accelerator: Accelerator,
+    task: Task,
     model,
     optimizer,
     scheduler,
@@ -427,7 +414,7 @@ def run_preflight_checks(
     trainer_state: dict,
     max_grad_norm: float,
 ) -> None:
-    """Run the enabled checks (config group `checks`); `evaluate` is the loop's evaluation function."""
+    """Run the enabled checks (config group `checks`); `evaluate(model, batches)` is the loop's evaluation."""
     if not cfg.enabled:
         return
     if accelerator.distributed_type in UNSUPPORTED:
@@ -439,15 +426,23 @@ def run_preflight_checks(
     batch = train_batches[0]
     # In this order: inputs before any forward pass, init_loss on the untouched model.
     checks = {
-        "inputs": lambda: check_inputs(accelerator, model, train_batches + eval_batches),
-        "init_loss": lambda: check_init_loss(cfg, accelerator, model, train_batches),
+        "inputs": lambda: check_inputs(accelerator, task, model, train_batches + eval_batches),
+        "init_loss": lambda: check_init_loss(cfg, accelerator, task, model, train_batches),
         "validation": lambda: check_validation(accelerator, model, eval_batches, evaluate),
-        "gradient_flow": lambda: check_gradient_flow(accelerator, model, optimizer, scheduler, batch),
+        "gradient_flow": lambda: check_gradient_flow(accelerator, task, model, optimizer, scheduler, batch),
         "overfit_batch": lambda: check_overfit_batch(
-            cfg, accelerator, model, optimizer, scheduler, batch, max_grad_norm
+            cfg, accelerator, task, model, optimizer, scheduler, batch, max_grad_norm
         ),
         "checkpoint_round_trip": lambda: check_checkpoint_round_trip(
-            accelerator, model, optimizer, scheduler, batch, Path(run_dir) / TEMP_FOLDER, trainer_state, max_grad_norm
+            accelerator,
+            task,
+            model,
+            optimizer,
+            scheduler,
+            batch,
+            Path(run_dir) / TEMP_FOLDER,
+            trainer_state,
+            max_grad_norm,
         ),
     }
     for name, check in checks.items():

@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 
 class MixedPrecision(Enum):
@@ -40,11 +42,6 @@ class KeepPolicy(Enum):
     top_k = "top_k"  # the best `keep` by `monitor`, plus the newest
 
 
-class Metric(Enum):  # what `loop.evaluate` reports
-    loss = "loss"
-    accuracy = "accuracy"
-
-
 class MetricMode(Enum):
     min = "min"
     max = "max"
@@ -70,31 +67,31 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None) -
 
 @dataclass
 class ModelConfig:
-    # A hub id or a local folder for AutoModelForSequenceClassification.from_pretrained.
-    # None builds a tiny random model from the fields below, with a byte-level tokenizer.
+    """Where the model comes from (modeling.py); the first of these that is set decides."""
+
+    # Your own torch.nn.Module ("package.module.Class"), built with `config` as its keyword arguments;
+    # with name_or_path, its weights are loaded from that folder's model.safetensors (a train.py export).
+    _target_: str | None = None
+    # A hub id or a local folder: pretrained weights and their tokenizer or image processor.
     name_or_path: str | None = None
-    model_type: str = "bert"
-    hidden_size: int = bounded(64, ge=1)
-    num_layers: int = bounded(2, ge=1)
-    num_heads: int = bounded(2, ge=1)
-    intermediate_size: int = bounded(128, ge=1)
-    dropout: float = bounded(0.1, ge=0)
+    # A transformers architecture built from scratch: AutoConfig.for_model(model_type, **config).
+    model_type: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    # A hub dataset id for datasets.load_dataset, or a built-in dataset (see data.BUILTIN).
+    """Where the examples come from; what they hold (columns, lengths) is the task's business."""
+
+    # A hub dataset id for datasets.load_dataset, or a built-in dataset of the task (its `builtin_datasets`).
     name: str | None = None
     subset: str | None = None
     # Local files per split, e.g. {train: train.csv, validation: val.csv}; csv, json(l) or parquet.
     files: dict[str, str] | None = None
-    text_column: str = "text"
-    label_column: str = "label"
     train_split: str = "train"
     eval_split: str = "validation"
     # Used when the dataset has no `eval_split`: this fraction of train is held out.
     eval_fraction: float = bounded(0.1, gt=0)
-    max_length: int = bounded(128, ge=1)
     batch_size: int = bounded(32, ge=1)
     eval_batch_size: int = bounded(64, ge=1)
     num_workers: int = bounded(0, ge=0)
@@ -142,8 +139,9 @@ class CheckpointConfig:
     every_n_steps: int = bounded(0, ge=0)  # 0: no periodic checkpoints
     keep: KeepPolicy = KeepPolicy.latest
     keep_count: int = bounded(2, ge=1)
-    monitor: Metric = Metric.accuracy  # for keep=best/top_k and early stopping
-    mode: MetricMode = MetricMode.max
+    # A metric of the task, for keep=best/top_k and early stopping; null: the task's main metric.
+    monitor: str | None = None
+    mode: MetricMode | None = None  # null: what the metric calls better (min for loss, max for accuracy)
 
 
 @dataclass
@@ -167,6 +165,8 @@ class ChecksConfig:
 
 @dataclass
 class TrainConfig:
+    # The task: `_target_` names its class (a tasks.base.Task); the other keys are its fields.
+    task: dict[str, Any] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -176,6 +176,16 @@ class TrainConfig:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     # "latest" (newest checkpoint of this run folder, if any) or a checkpoint folder.
     resume: str | None = None
+
+
+@dataclass
+class EvaluateConfig(TrainConfig):
+    """evaluate.py: the training config, plus what to evaluate."""
+
+    split: str = "validation"  # a split of the dataset (the held-out part of train is "validation")
+    # A checkpoint folder (checkpoints/step_XXXXXXXX): its weights, with the task and model of its run.
+    # Without it, the model is the `model` config: model.name_or_path=<run folder>/model for an exported one.
+    checkpoint_path: str | None = None
 
 
 class ConfigError(ValueError):
@@ -195,9 +205,57 @@ def _range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
     return problems
 
 
+def build_task(node: DictConfig) -> Any:
+    """The task object of the `task` node: its class (`task._target_`, a tasks.base.Task) is a dataclass whose
+    fields are the node's other keys, so a typo or a value of the wrong type fails like any other config error."""
+    target = node.get("_target_")
+    if not target:
+        raise ConfigError("task._target_ is not set: choose a task with task=<name> (the files in configs/task/)")
+    try:
+        task_class = get_class(target)
+    except Exception as error:  # Hydra wraps the ImportError
+        raise ConfigError(f"task._target_={target} cannot be imported: {error}") from None
+    options = {key: value for key, value in node.items() if key != "_target_"}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(task_class), options))
+    except ConfigKeyError as error:
+        keys = [f.name for f in fields(task_class)]
+        raise ConfigError(f"task.{error.key} is not an option of {task_class.__name__}; it has {keys}") from None
+    except ValidationError as error:
+        raise ConfigError(f"task.{error.key}: {str(error).splitlines()[0]}") from None
+
+
+def _task_problems(cfg: DictConfig) -> list:
+    try:
+        task = build_task(cfg.task)
+    except ConfigError as error:
+        return [str(error)]
+    problems = _range_problems(type(task), OmegaConf.structured(task), "task.")
+    metrics = task.metrics
+    monitor = cfg.checkpoint.monitor
+    if monitor is not None and monitor not in metrics:
+        problems.append(f"checkpoint.monitor={monitor} is not a metric of this task; its metrics are {list(metrics)}")
+    elif monitor is not None and cfg.checkpoint.mode not in (None, metrics[monitor]):
+        problems.append(
+            f"checkpoint.mode={cfg.checkpoint.mode.value} contradicts checkpoint.monitor={monitor}, "
+            f"whose better values are {metrics[monitor].value}; leave checkpoint.mode unset (null)"
+        )
+    return problems
+
+
+def _model_problems(model: DictConfig) -> list:
+    if all(model[key] is None for key in ("_target_", "name_or_path", "model_type")):
+        return [
+            "model: set one of model._target_ (your own nn.Module), model.name_or_path (a hub id or a folder) "
+            "and model.model_type (a transformers architecture from scratch), or pick one with model=<name>"
+        ]
+    return []
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad value, before any compute is spent."""
     problems = _range_problems(TrainConfig, cfg, "")
+    problems += _task_problems(cfg) + _model_problems(cfg.model)
     data = cfg.data
     if (data.name is None) == (data.files is None):
         problems.append(
@@ -227,6 +285,7 @@ class ValidateConfig(Callback):
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -1,29 +1,40 @@
-"""The training loop on Hugging Face Accelerate. Read it top to bottom: `train` is the whole run."""
+"""The training loop on Hugging Face Accelerate. Read it top to bottom: `train` is setup, preflight checks, fit
+and finish. The loop knows the task contract (tasks/base.py), never a task by name."""
 
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import GradientAccumulationPlugin, set_seed
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import checkpoints, launch
 from .checks import run_preflight_checks
-from .config import ConfigError, KeepPolicy, MetricMode, NonFiniteLoss, Tracker, to_container, validate
-from .data import load_splits, make_dataloaders, tokenize
-from .model import build_model, build_tokenizer
+from .config import (
+    ConfigError,
+    KeepPolicy,
+    MetricMode,
+    ModelConfig,
+    NonFiniteLoss,
+    Tracker,
+    build_task,
+    to_container,
+    validate,
+)
+from .data import make_dataloaders, make_eval_dataloader
 from .optim import build_optimizer, build_scheduler
+from .tasks.base import Task
 
 logger = get_logger(__name__)
-IGNORE_INDEX = -100  # label value of padding and other positions that carry no loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,29 +76,17 @@ def flat_hparams(cfg: DictConfig) -> dict:
     return dict(flatten(to_container(cfg)))
 
 
-@torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator) -> dict:
-    """Mean loss and accuracy over every validation example exactly once, across all processes (`examples`)."""
+def evaluate(task: Task, model, dataloader, accelerator: Accelerator) -> tuple:
+    """The task's metrics over every example of `dataloader` exactly once, across all processes, and the
+    per-example records they come from (the task's `evaluate_batch`)."""
+    training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    records = []
     for batch in dataloader:
-        logits = model(**batch).logits
-        losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        # gather_for_metrics drops the samples duplicated to even out the last batch across processes.
-        preds, labels, losses = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], losses))
-        total_loss += losses.sum().item()
-        correct += (preds == labels).sum().item()
-        count += labels.numel()
-    model.train()
-    return {"loss": total_loss / count, "accuracy": correct / count, "examples": count}
-
-
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over every labelled item: examples ([B, C] logits, [B] labels) or tokens
-    ([B, T, V] logits, [B, T] labels already shifted for next-token prediction, padding = -100)."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+        # gather_for_metrics drops the examples duplicated to even out the last batch across processes.
+        records += accelerator.gather_for_metrics(task.evaluate_batch(model, batch), use_gather_object=True)
+    model.train(training)
+    return {**task.compute_metrics(records), "examples": len(records)}, records
 
 
 def micro_batches(accelerator: Accelerator, train_dl, batches_seen: int):
@@ -99,7 +98,7 @@ def micro_batches(accelerator: Accelerator, train_dl, batches_seen: int):
         epoch, done_in_epoch = epoch + 1, 0
 
 
-def accumulate_cycle(accelerator: Accelerator, model, cycle: list) -> tuple:
+def accumulate_cycle(accelerator: Accelerator, task: Task, model, cycle: list) -> tuple:
     """Forward and backward over the micro-batches of one optimizer step; return the loss sum and the
     number of labelled items of the whole cycle, summed over all processes.
 
@@ -108,29 +107,83 @@ def accumulate_cycle(accelerator: Accelerator, model, cycle: list) -> tuple:
     transformers #34191). `backward` divides by the accumulation steps and DDP averages over
     processes, so both are multiplied back.
     """
-    items = accelerator.reduce(sum((b["labels"] != IGNORE_INDEX).sum() for b in cycle), "sum")
+    items = accelerator.reduce(sum(task.labelled(batch) for batch in cycle), "sum")
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / items
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in cycle:
         with accelerator.accumulate(model):
-            inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}
-            loss = summed_loss(model(**inputs).logits, batch["labels"])
+            loss = task.loss(model, batch)
             accelerator.backward(loss * scale)
             loss_sum += loss.detach()
     return accelerator.reduce(loss_sum, "sum"), items
 
 
-def improved(value: float, best: float | None, mode: MetricMode, min_delta: float) -> bool:
-    if best is None:
-        return True
-    return value < best - min_delta if mode == MetricMode.min else value > best + min_delta
+@dataclass
+class EarlyStopping:
+    """Which metric decides (checkpoint.monitor, else the task's main one), which way is better, and when
+    `patience` evaluations in a row without an improvement of more than `min_delta` stop the run (0: never).
+    The best value and the count live in the trainer state, so they survive a resume."""
+
+    metric: str
+    mode: MetricMode
+    patience: int
+    min_delta: float
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, task: Task) -> "EarlyStopping":
+        metric = cfg.checkpoint.monitor or task.main_metric
+        mode = cfg.checkpoint.mode or task.metrics[metric]
+        return cls(metric, mode, cfg.trainer.early_stopping_patience, cfg.trainer.early_stopping_min_delta)
+
+    def update(self, state: dict) -> bool:
+        """Record the latest evaluation in `state`; True when it is the best so far."""
+        value, best, delta = state["metrics"][self.metric], state["best"], self.min_delta
+        if best is None or (value < best - delta if self.mode == MetricMode.min else value > best + delta):
+            state["best"], state["evals_without_improvement"] = value, 0
+            return True
+        state["evals_without_improvement"] += 1
+        return False
+
+    def should_stop(self, state: dict) -> bool:
+        return bool(self.patience) and state["evals_without_improvement"] >= self.patience
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`."""
+@dataclass
+class Run:
+    """One training run: its config and folder, the prepared objects, and the state its checkpoints hold."""
+
+    cfg: DictConfig
+    run_dir: Path
+    accelerator: Accelerator
+    task: Task
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_dl: object
+    eval_dl: object
+    stopping: EarlyStopping
+    state: dict
+    resumed_from: Path | None
+    ranks: list  # every process's rank, gathered: [0, ..., N-1] when the launch trains as one group
+
+
+def new_state(seed: int) -> dict:
+    return {
+        "step": 0,  # optimizer steps taken
+        "batches_seen": 0,  # micro-batches consumed on each process
+        "seed": seed,
+        "metrics": {},  # of the latest evaluation
+        "best": None,  # best value of the monitored metric so far
+        "evals_without_improvement": 0,
+        "stopped_early": False,
+        "skipped_steps": 0,  # updates dropped for a non-finite loss (trainer.nonfinite_loss=skip)
+        "last_finite_loss": None,
+    }
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> Run:
+    """Build everything the run needs, in an order that makes it reproducible; resume if asked to."""
     validate(cfg)
-    run_dir = Path(run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
     trainer = cfg.trainer
     if trainer.deterministic:  # needed by deterministic cuBLAS; must be set before CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -140,136 +193,193 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     set_seed(seed, deterministic=trainer.deterministic)
 
     # Data, then the model (seeded right before it is built, so its random init is reproducible).
-    tokenizer = build_tokenizer(cfg.model)
+    task = build_task(cfg.task)
     with accelerator.main_process_first():  # the main process fills the datasets cache first
-        splits = load_splits(cfg.data, seed)
-        tokenized = tokenize(splits, cfg.data, tokenizer)
-    train_dl, eval_dl = make_dataloaders(tokenized, cfg.data, tokenizer, seed)
+        datasets = task.load(cfg.data, cfg.model, seed)
+    train_dl, eval_dl = make_dataloaders(datasets, cfg.data, task.collate, seed)
     set_seed(seed, deterministic=trainer.deterministic)
-    labels = splits["train"].features[cfg.data.label_column].names
-    model = build_model(cfg.model, labels, tokenizer, cfg.data.max_length)
+    model = task.build_model(cfg.model)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.max_steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
 
-    state = {
-        "step": 0,  # optimizer steps taken
-        "batches_seen": 0,  # micro-batches consumed on each process
-        "seed": seed,
-        "metrics": {},  # of the latest evaluation
-        "best": None,  # best value of checkpoint.monitor so far
-        "evals_without_improvement": 0,
-        "stopped_early": False,
-        "skipped_steps": 0,  # updates dropped for a non-finite loss (trainer.nonfinite_loss=skip)
-        "last_finite_loss": None,
-    }
-    resume_from = checkpoints.resolve_resume(cfg.resume, checkpoint_dir)
+    resume_from = checkpoints.resolve_resume(cfg.resume, run_dir / "checkpoints")
+    state = new_state(seed) if resume_from is None else checkpoints.load(accelerator, resume_from)
     if resume_from is not None:
-        state = checkpoints.load(accelerator, resume_from)
         logger.info(f"resumed from {resume_from} at step {state['step']}", main_process_only=True)
-    else:  # a fresh run: sanity checks before the first step, leaving the run as it would be without them
-        run_preflight_checks(
-            cfg.checks,
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            train_dl,
-            eval_dl,
-            evaluate=evaluate,
-            run_dir=run_dir,
-            trainer_state=state,
-            max_grad_norm=cfg.trainer.max_grad_norm,
+    stopping = EarlyStopping.from_config(cfg, task)
+    objects = (model, optimizer, scheduler, train_dl, eval_dl)
+    return Run(cfg, run_dir, accelerator, task, *objects, stopping, state, resume_from, ranks)
+
+
+def train_step(run: Run, cycle: list) -> float:
+    """One optimizer step over a cycle of micro-batches; returns its mean loss per labelled item (NaN or inf
+    when the loss is not finite: then the update is skipped or the run stops, as trainer.nonfinite_loss says)."""
+    trainer, state = run.cfg.trainer, run.state
+    loss_sum, items = accumulate_cycle(run.accelerator, run.task, run.model, cycle)
+    if not run.accelerator.sync_gradients:  # the optimizer would silently skip this step
+        raise RuntimeError("accumulation cycle out of step with Accelerate's gradient synchronization")
+    state["batches_seen"] += len(cycle)
+    state["step"] += 1
+    step, loss = state["step"], (loss_sum / items).item()  # the mean over every item of the cycle
+    if math.isfinite(loss):
+        if trainer.max_grad_norm > 0:
+            run.accelerator.clip_grad_norm_(run.model.parameters(), trainer.max_grad_norm)
+        run.optimizer.step()
+        state["last_finite_loss"] = loss
+    elif trainer.nonfinite_loss == NonFiniteLoss.skip:
+        state["skipped_steps"] += 1
+        logger.warning(f"step {step}: loss is {loss}; update skipped ({state['skipped_steps']} so far)")
+    else:
+        raise NonFiniteLossError(
+            f"step {step}: the training loss is {loss}; the last finite loss was {state['last_finite_loss']} "
+            f"(step {step - 1}). Checkpoints written so far are untouched. To drop such updates and go on, "
+            "set trainer.nonfinite_loss=skip; else lower optimizer.lr or set trainer.max_grad_norm."
+        )
+    run.scheduler.step()
+    run.optimizer.zero_grad()
+    return loss
+
+
+def evaluate_and_decide(run: Run) -> None:
+    """Evaluate, log, keep the best model, and decide on early stopping together with every process."""
+    accelerator, state, step = run.accelerator, run.state, run.state["step"]
+    state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
+    accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=step)
+    if accelerator.is_main_process:
+        samples = run.task.samples(accelerator.unwrap_model(run.model), run.eval_dl.dataset)
+        if samples:
+            accelerator.log({f"samples/{k}": v for k, v in samples.items()}, step=step)
+    if run.stopping.update(state) and run.cfg.checkpoint.keep != KeepPolicy.latest:
+        checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "best_model")
+    if run.stopping.should_stop(state):
+        accelerator.set_trigger()
+    # Every process takes the same decision (a rank that stopped alone would hang the others).
+    if accelerator.check_trigger():
+        state["stopped_early"] = True
+        logger.info(
+            f"early stopping at step {step}: {run.stopping.metric} has not improved on {state['best']} by more "
+            f"than {run.stopping.min_delta} for {run.stopping.patience} evaluations",
+            main_process_only=True,
         )
 
+
+def fit(run: Run) -> list:
+    """Train until trainer.max_steps or early stopping; return the loss of every optimizer step taken."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    trainer = cfg.trainer
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
     progress = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
     step_losses = []
-    start = time.perf_counter()
-    model.train()
+    run.model.train()
     # One optimizer step per cycle of `gradient_accumulation_steps` micro-batches. Cycles run on across
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
-    stream = micro_batches(accelerator, train_dl, state["batches_seen"])
+    stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
     while state["step"] < trainer.max_steps and not state["stopped_early"]:
-        cycle = list(islice(stream, trainer.gradient_accumulation_steps))
-        loss_sum, items = accumulate_cycle(accelerator, model, cycle)
-        if not accelerator.sync_gradients:  # the optimizer would silently skip this step
-            raise RuntimeError("accumulation cycle out of step with Accelerate's gradient synchronization")
-        state["batches_seen"] += len(cycle)
-        state["step"] += 1
-        step, loss = state["step"], (loss_sum / items).item()  # the mean over every item of the cycle
-        if math.isfinite(loss):
-            if trainer.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), trainer.max_grad_norm)
-            optimizer.step()
-            state["last_finite_loss"] = loss
-        elif trainer.nonfinite_loss == NonFiniteLoss.skip:
-            state["skipped_steps"] += 1
-            logger.warning(f"step {step}: loss is {loss}; update skipped ({state['skipped_steps']} so far)")
-        else:
-            raise NonFiniteLossError(
-                f"step {step}: the training loss is {loss}; the last finite loss was {state['last_finite_loss']} "
-                f"(step {step - 1}). Checkpoints written so far are untouched. To drop such updates and go on, "
-                "set trainer.nonfinite_loss=skip; else lower optimizer.lr or set trainer.max_grad_norm."
-            )
-        scheduler.step()
-        optimizer.zero_grad()
+        loss = train_step(run, list(islice(stream, trainer.gradient_accumulation_steps)))
+        step = state["step"]
         step_losses.append(loss)
         progress.update(1)
-
         if step % trainer.log_every_n_steps == 0:
-            accelerator.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0]}, step=step)
             progress.set_postfix(loss=f"{loss:.4f}")
         if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
-            state["metrics"] = evaluate(model, eval_dl, accelerator)
-            accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=step)
-            value = state["metrics"][cfg.checkpoint.monitor.value]
-            if improved(value, state["best"], cfg.checkpoint.mode, trainer.early_stopping_min_delta):
-                state["best"], state["evals_without_improvement"] = value, 0
-                if cfg.checkpoint.keep != KeepPolicy.latest:
-                    checkpoints.export(accelerator, model, tokenizer, run_dir / "best_model")
-            else:
-                state["evals_without_improvement"] += 1
-            patience = trainer.early_stopping_patience
-            if patience and state["evals_without_improvement"] >= patience:
-                accelerator.set_trigger()
-            # Every process takes the same decision (a rank that stopped alone would hang the others).
-            if accelerator.check_trigger():
-                state["stopped_early"] = True
-                logger.info(
-                    f"early stopping at step {step}: {cfg.checkpoint.monitor.value} has not improved on "
-                    f"{state['best']} by more than {trainer.early_stopping_min_delta} for {patience} evaluations",
-                    main_process_only=True,
-                )
+            evaluate_and_decide(run)
         if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
-            checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg))
+            checkpoints.save(accelerator, run.run_dir / "checkpoints", state, to_container(cfg))
             if accelerator.is_main_process:
-                checkpoints.prune(checkpoint_dir, cfg.checkpoint)
+                checkpoints.prune(run.run_dir / "checkpoints", cfg.checkpoint, run.stopping.metric, run.stopping.mode)
     progress.close()
-    train_seconds = time.perf_counter() - start
+    return step_losses
 
-    state["metrics"] = evaluate(model, eval_dl, accelerator)
+
+def finish(run: Run, train_seconds: float) -> dict:
+    """Evaluate the final model, export it, end the trackers and write metrics.json."""
+    accelerator, state = run.accelerator, run.state
+    state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
-    checkpoints.export(accelerator, model, tokenizer, run_dir / "model")
+    checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model")
     # Free the DDP-wrapped model before end_training destroys the process group. Otherwise its reducer holds the
     # group's last reference and destroys it when train() returns, joining gloo's threads while holding the GIL
     # they may need: a hang at exit, seen about once in ten 2-process CPU runs.
     accelerator.free_memory()
-    del model
+    run.model = None
     accelerator.end_training()
     result = {
         "step": state["step"],
         "metrics": state["metrics"],
+        "monitor": run.stopping.metric,
         "stopped_early": state["stopped_early"],
         "skipped_steps": state["skipped_steps"],
         "train_seconds": train_seconds,
         "num_processes": accelerator.num_processes,
-        "ranks": ranks,
+        "ranks": run.ranks,
     }
     if accelerator.is_main_process:
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        (run.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in state["metrics"].items() if name != "examples")
     accelerator.print(
-        f"step {state['step']}: validation accuracy {state['metrics']['accuracy']:.4f}, "
-        f"loss {state['metrics']['loss']:.4f} ({train_seconds:.1f}s of training); model in {run_dir / 'model'}"
+        f"step {state['step']}: validation {shown} ({train_seconds:.1f}s of training); model in {run.run_dir / 'model'}"
     )
-    return {**result, "losses": step_losses}
+    return result
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`."""
+    run = setup(cfg, Path(run_dir))
+    if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
+        run_preflight_checks(
+            cfg.checks,
+            run.accelerator,
+            run.task,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.train_dl,
+            run.eval_dl,
+            evaluate=lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0],
+            run_dir=run.run_dir,
+            trainer_state=run.state,
+            max_grad_norm=cfg.trainer.max_grad_norm,
+        )
+    start = time.perf_counter()
+    losses = fit(run)
+    return {**finish(run, time.perf_counter() - start), "losses": losses}
+
+
+def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
+    """evaluate.py: the metrics and per-example predictions of a saved model on the split `cfg.split`, written into
+    `run_dir` as metrics.json and predictions.jsonl. A checkpoint (`cfg.checkpoint_path`) brings the task and the
+    model config of its run; its weights replace the model's."""
+    checkpoint = None if cfg.checkpoint_path is None else Path(cfg.checkpoint_path).expanduser()
+    if checkpoint is not None:
+        if not checkpoint.is_dir():
+            raise ConfigError(f"checkpoint_path={cfg.checkpoint_path}: no such folder")
+        saved = OmegaConf.create(checkpoints.verify(checkpoint)["config"])
+        with open_dict(cfg):  # replaced, not merged: nothing of the default task or model stays
+            cfg.task, cfg.model = saved.task, OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
+    validate(cfg)
+    accelerator = make_accelerator(cfg.trainer, run_dir)
+    set_seed(cfg.trainer.seed, deterministic=cfg.trainer.deterministic)
+    task = build_task(cfg.task)
+    with accelerator.main_process_first():
+        datasets = task.load(cfg.data, cfg.model, cfg.trainer.seed)
+    if cfg.split not in datasets:
+        raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
+    model = task.build_model(cfg.model)
+    if checkpoint is not None:
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    model, dataloader = accelerator.prepare(model, make_eval_dataloader(datasets[cfg.split], cfg.data, task.collate))
+    metrics, records = evaluate(task, model, dataloader, accelerator)
+    source = str(checkpoint or cfg.model.name_or_path or cfg.model._target_ or cfg.model.model_type)
+    result = {"split": cfg.split, "model": source, "metrics": metrics, "num_processes": accelerator.num_processes}
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        with (run_dir / "predictions.jsonl").open("w") as file:
+            file.writelines(json.dumps(record) + "\n" for record in records)
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "examples")
+    accelerator.print(f"{cfg.split} ({metrics['examples']} examples): {shown}; predictions in {run_dir}")
+    accelerator.free_memory()
+    accelerator.end_training()
+    return {**result, "records": records}

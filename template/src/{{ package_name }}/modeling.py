@@ -1,0 +1,62 @@
+"""Models and tokenizers, the same for every task: your own nn.Module, a pretrained hub id or folder, or a
+transformers architecture built from scratch (the `model` config says which; see config.ModelConfig)."""
+
+import inspect
+from pathlib import Path
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import ConfigError
+
+WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
+    """Your own module class, built with `model.config` as keyword arguments, plus those of `task_kwargs`
+    (num_labels, vocab_size, ...) that its __init__ takes; its weights come from `model.name_or_path` if set."""
+    module_class = get_class(cfg._target_)
+    accepted = inspect.signature(module_class).parameters
+    kwargs = {name: value for name, value in task_kwargs.items() if name in accepted}
+    kwargs.update(OmegaConf.to_container(cfg.config, resolve=True))
+    try:
+        inspect.signature(module_class).bind(**kwargs)
+    except TypeError as error:
+        raise ConfigError(
+            f"model.config does not fit {cfg._target_}{inspect.signature(module_class)}: {error} "
+            f"(given: {sorted(kwargs)})"
+        ) from None
+    module = module_class(**kwargs)
+    if cfg.name_or_path is not None:
+        module.load_state_dict(load_file(Path(cfg.name_or_path) / WEIGHTS_FILE))
+    return module
+
+
+def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kwargs: dict) -> torch.nn.Module:
+    """The model of the `model` config. `auto_class` is the task's transformers Auto class; `pretrained_kwargs`
+    go to its from_pretrained (a new head's labels, say), `scratch_kwargs` to the config of a model built from
+    scratch (and, by name, to your own module)."""
+    if cfg._target_ is not None:
+        return build_own_module(cfg, scratch_kwargs)
+    if cfg.name_or_path is not None:
+        if not Path(cfg.name_or_path).expanduser().exists() and cfg.name_or_path.startswith((".", "/", "~")):
+            raise ConfigError(f"model.name_or_path={cfg.name_or_path}: no such folder")
+        return auto_class.from_pretrained(cfg.name_or_path, **pretrained_kwargs)
+    config = AutoConfig.for_model(cfg.model_type, **{**OmegaConf.to_container(cfg.config), **scratch_kwargs})
+    return auto_class.from_config(config)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a model. A local folder without tokenizer files is refused: transformers would
+    quietly build one that maps every text to unknown tokens."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} has no tokenizer files (one of {list(TOKENIZER_FILES)}): save the "
+            "tokenizer into the model folder (tokenizer.save_pretrained(folder))"
+        )
+    return AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name_or_path)

@@ -1,0 +1,1 @@
+"""One module per task; base.py holds the contract every task fulfils."""

@@ -1,0 +1,138 @@
+"""The task contract: everything that differs between tasks, in one place.
+
+A task turns the `data` config into batches, builds the model, and says how to score it. The loop, the preflight
+checks and evaluate.py call only the methods below, never a task by name, so a new task is one module here, one
+config file (configs/task/<name>.yaml, whose `_target_` names the class) and one test file.
+
+A task class is a dataclass: its fields are the keys of the `task` config node, checked like the rest of the
+config (config.build_task). Methods run in this order: `load`, `build_model`, then `collate`, `loss`,
+`evaluate_batch`, `compute_metrics` and `samples` as the loop needs them.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from datasets import DatasetDict
+from omegaconf import DictConfig
+
+from ..config import MetricMode
+
+IGNORE_INDEX = -100  # the label of positions without a loss: padding, prompts (the transformers convention)
+
+
+@dataclass
+class Task:
+    """Subclass as a dataclass; set the class variables, and override the methods marked "override"."""
+
+    # Metric name -> which way is better. `main_metric` is what checkpoint.monitor defaults to.
+    metrics: ClassVar[dict[str, MetricMode]] = {"loss": MetricMode.min}
+    main_metric: ClassVar[str] = "loss"
+    # Built-in datasets, selected with data.name=<key>: name -> function(seed) returning a DatasetDict.
+    builtin_datasets: ClassVar[dict] = {}
+
+    # Data ------------------------------------------------------------------------------------------------
+
+    def load(self, data: DictConfig, model: DictConfig, seed: int) -> DatasetDict:
+        """Override: model-ready train and validation splits (other splits may follow), tokenized or otherwise
+        prepared, and set `self.processor` (the tokenizer or image processor, exported with the model) and
+        whatever `build_model` needs to know about the data (labels, vocabulary)."""
+        raise NotImplementedError
+
+    processor: ClassVar[Any] = None  # set by `load`; saved beside the exported model
+
+    def collate(self, examples: list) -> dict:
+        """Override: a batch of tensors from a list of examples. `labels` holds the targets, IGNORE_INDEX where
+        no loss is taken; every other key is passed to the model's forward."""
+        raise NotImplementedError
+
+    # Model -----------------------------------------------------------------------------------------------
+
+    def build_model(self, model: DictConfig) -> torch.nn.Module:
+        """Override: the model (modeling.build_model does the three ways of the `model` config). Called after
+        seeding, so random init is reproducible."""
+        raise NotImplementedError
+
+    # Scoring ---------------------------------------------------------------------------------------------
+
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        """The model's output scores for `batch`, aligned with batch["labels"] ([..., classes or vocabulary])."""
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
+        output = model(**inputs)
+        return output if torch.is_tensor(output) else output.logits  # your own module may return the tensor
+
+    def labelled(self, batch: dict) -> torch.Tensor:
+        """How many labelled items (examples or tokens) the batch holds: the loss is a sum over these."""
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        """The loss summed over the labelled items of `batch`: the one loss of training, evaluation and the
+        checks. The loop divides by the item count of the whole accumulation cycle (see loop.accumulate_cycle)."""
+        logits = self.logits(model, batch)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            batch["labels"].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+    def num_outputs(self, model) -> int:
+        """Override: the number of classes a label can take (classes, or the vocabulary for generated text)."""
+        raise NotImplementedError
+
+    def expected_init_loss(self, model) -> float | None:
+        """The mean loss of the untrained model: uniform predictions over `num_outputs` give ln(outputs).
+        None when the model is not expected to predict uniformly (a pretrained language model)."""
+        return math.log(self.num_outputs(model))
+
+    def input_problem(self, model, batch: dict) -> str | None:
+        """What is wrong with a batch before any forward pass (on a GPU a bad id is an opaque device assert):
+        token ids outside the embedding table, labels outside [0, outputs), non-finite values. None if fine."""
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+        ids = batch.get("input_ids")
+        if ids is not None and embeddings is not None and ids.numel():
+            rows = embeddings.num_embeddings
+            if ids.min() < 0 or ids.max() >= rows:
+                return f"input_ids from {ids.min().item()} to {ids.max().item()} (embedding rows: {rows})"
+        for name, value in batch.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                return f"non-finite values in {name}"
+        labels = batch.get("labels")
+        if labels is None:
+            return "a batch without labels"
+        real = labels[labels != IGNORE_INDEX]
+        outputs = self.num_outputs(model)
+        if real.numel() and (real.min() < 0 or real.max() >= outputs):
+            return f"labels from {real.min().item()} to {real.max().item()} (allowed: 0 to {outputs - 1}, or ignored)"
+        return None
+
+    @torch.no_grad()
+    def evaluate_batch(self, model, batch: dict) -> list:
+        """Override: one JSON-ready record per example: the numbers `compute_metrics` needs and what the
+        prediction was (evaluate.py writes these records as predictions.jsonl)."""
+        raise NotImplementedError
+
+    def compute_metrics(self, records: list) -> dict:
+        """Override: the metrics (floats, one per name of `metrics`) over the records of every example."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def samples(self, model, dataset) -> dict:
+        """A few examples of what the model produces, as text for the tracker (generative tasks); {} if none."""
+        return {}
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """Per example: the summed cross-entropy over its labelled items and their count ([B] each); labels are
+    [B] (one per example) or [B, T] (one per token)."""
+    labels = labels.reshape(labels.size(0), -1)
+    logits = logits.reshape(labels.size(0), labels.size(1), -1).float()
+    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
+def mean_loss(records: list) -> float:
+    """The mean loss per labelled item over records holding `loss` (a sum) and `items`."""
+    return sum(r["loss"] for r in records) / max(1, sum(r["items"] for r in records))

@@ -1,0 +1,71 @@
+"""evaluate.py: an exported model or a checkpoint evaluates to the metrics training reported, for every task, with
+one prediction per example."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import PROJECT_ROOT, TASKS, reset_accelerate_state
+
+
+def read_predictions(run_dir) -> list:
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_exported_model_and_checkpoint_evaluate_to_what_training_reported(pkg, make_config, toys, tmp_path, task):
+    overrides = [*toys(task), "trainer.max_steps=6", "checkpoint.every_n_steps=6"]
+    trained = pkg.loop.train(make_config(*overrides), tmp_path / "train")
+
+    reset_accelerate_state()
+    exported = [*overrides, f"model.name_or_path='{tmp_path / 'train' / 'model'}'"]
+    result = pkg.loop.evaluate_saved(make_config(*exported, config_name="evaluate"), tmp_path / "exported")
+    assert result["metrics"] == trained["metrics"]  # the same model on the same data: the same numbers
+    assert json.loads((tmp_path / "exported" / "metrics.json").read_text())["metrics"] == trained["metrics"]
+    assert len(read_predictions(tmp_path / "exported")) == trained["metrics"]["examples"]
+
+    reset_accelerate_state()
+    checkpoint = tmp_path / "train" / "checkpoints" / "step_00000006"
+    # Only the data comes from the command line: the task and model configs are the checkpoint's own.
+    data = [o for o in overrides if o.startswith("data")]
+    from_checkpoint = make_config(f"checkpoint_path='{checkpoint}'", *data, config_name="evaluate")
+    result = pkg.loop.evaluate_saved(from_checkpoint, tmp_path / "checkpoint")
+    assert result["metrics"] == trained["metrics"]
+    assert read_predictions(tmp_path / "checkpoint") == read_predictions(tmp_path / "exported")
+
+
+def test_evaluate_command_line_writes_metrics_and_predictions_into_its_own_folder(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    trained = pkg.loop.train(make_config(*toy_overrides), tmp_path / "train")
+    run_dir = tmp_path / "evaluation"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            *toy_overrides,
+            f"model.name_or_path='{tmp_path / 'train' / 'model'}'",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["metrics"] == trained["metrics"]
+    assert (run_dir / "evaluate.log").is_file() and len(read_predictions(run_dir)) == trained["metrics"]["examples"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("split=tset", "split=tset is not a split of this dataset"), ("checkpoint_path=/no/such", "no such folder")],
+)
+def test_evaluate_refuses_a_split_or_checkpoint_that_is_not_there(
+    pkg, make_config, toy_overrides, tmp_path, override, message
+):
+    cfg = make_config(*toy_overrides, override, config_name="evaluate")
+    with pytest.raises(pkg.config.ConfigError, match=message):
+        pkg.loop.evaluate_saved(cfg, tmp_path)
