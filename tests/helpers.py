@@ -7,24 +7,35 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Together these renders take every value of every question that changes files.
+TASKS = ["text_classification", "image_classification", "causal_lm", "seq2seq"]
+
+# Together these renders take every value of every question that changes files: each task alone,
+# and all tasks together (then the default task is the first of the list).
 RENDERS = {
     "defaults": {},
     "minimal": {
+        "tasks": ["image_classification"],
         "tracker": "none",
         "github_actions": False,
         "pre_commit": False,
         "license": "Proprietary",
         "python_version": "3.12",
     },
-    "wandb": {"tracker": "wandb", "license": "Apache-2.0", "python_version": "3.10"},
+    "wandb": {
+        "tasks": ["causal_lm"],
+        "tracker": "wandb",
+        "license": "Apache-2.0",
+        "python_version": "3.10",
+    },
     "mlflow": {
+        "tasks": ["seq2seq"],
         "tracker": "mlflow",
         "license": "BSD-3-Clause",
         "python_version": "3.13",
         "package_name": "mlpkg",
     },
     "aim": {
+        "tasks": TASKS,
         "tracker": "aim",
         "project_name": "Vision Lab 2!",
         "description": 'Tiny "vision" models: a study',

@@ -19,6 +19,9 @@ from helpers import read_answers, run_ok
         ({"author_email": "a b@example.com"}, "is not an e-mail address"),
         ({"project_name": "   "}, "The project name must not be empty"),
         ({"python_version": "3.9"}, "Invalid choice for 'python_version'"),
+        ({"tasks": []}, "Choose at least one task"),
+        ({"tasks": ["text_classification", "ner"]}, "Invalid choice"),
+        ({"package_name": "evaluate"}, "clashes with a dependency or project folder"),
     ],
     ids=lambda value: str(value) if isinstance(value, dict) else "",
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import read_answers, run_ok
+from helpers import TASKS, read_answers, run_ok
 
 # Jinja tags left in rendered text: `{{ expression }}`, `{% statement`, `{# comment`.
 # Not flagged: GitHub Actions' ${{ ... }} (removed before searching) and the escaped braces
@@ -106,6 +106,31 @@ def test_pyproject_and_package(project):
     assert metadata["requires-python"] == f">={answers['python_version']}"
     assert metadata["description"] == answers["description"]
     assert (project / "src" / answers["package_name"]).is_dir()
+
+
+def stems(folder: Path, pattern: str, prefix: str = "") -> list[str]:
+    return sorted(path.stem.removeprefix(prefix) for path in folder.glob(pattern))
+
+
+def test_only_the_chosen_tasks_leave_files(project):
+    answers = read_answers(project)
+    chosen = sorted(answers["tasks"])
+    package = project / "src" / answers["package_name"]
+    assert stems(project / "configs" / "task", "*.yaml") == chosen
+    assert stems(package / "tasks", "*.py") == sorted([*chosen, "__init__", "base"])
+    assert stems(project / "tests", "test_task_*.py", "test_task_") == chosen
+    # python train.py runs the first chosen task
+    common = yaml.safe_load((project / "configs" / "common.yaml").read_text())
+    assert {"task": answers["tasks"][0]} in common["defaults"]
+    others = [task for task in TASKS if task not in answers["tasks"]]
+    mentions = [
+        f"{path.relative_to(project)}: {task}"
+        for path in files(project)
+        if path.suffix in {".py", ".yaml", ".toml"}
+        for task in others
+        if task in path.read_text(encoding="utf-8")
+    ]
+    assert not mentions, "files name tasks the project does not have:\n" + "\n".join(mentions)
 
 
 @pytest.mark.rendered_suite
