@@ -86,7 +86,8 @@ class DataConfig:
     # A hub dataset id for datasets.load_dataset, or a built-in dataset of the task (its `builtin_datasets`).
     name: str | None = None
     subset: str | None = None
-    # Local files per split, e.g. {train: train.csv, validation: val.csv}; csv, json(l) or parquet.
+    # Local files per split, e.g. {train: train.csv, validation: val.csv}; csv, json(l) or parquet; or image folders
+    # (<folder>/<label>/<image files>, datasets' imagefolder).
     files: dict[str, str] | None = None
     train_split: str = "train"
     eval_split: str = "validation"
@@ -260,7 +261,7 @@ def validate(cfg: DictConfig) -> None:
     if (data.name is None) == (data.files is None):
         problems.append(
             "data: set exactly one of data.name (a hub or built-in dataset) "
-            "and data.files (local csv/json/parquet files per split)"
+            "and data.files (local csv/json/parquet files or image folders per split)"
         )
     fp16 = cfg.trainer.mixed_precision == MixedPrecision.fp16
     if fp16 and (cfg.trainer.cpu or not torch.cuda.is_available()):

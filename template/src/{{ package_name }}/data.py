@@ -14,16 +14,19 @@ FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "p
 def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
     """The dataset of the `data` config: local files per split, a task's built-in dataset, or a hub id."""
     if cfg.files is not None:
-        files = {split: str(Path(path).expanduser()) for split, path in cfg.files.items()}
+        files = {split: Path(path).expanduser() for split, path in cfg.files.items()}
         for split, path in files.items():
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"data.files.{split}: no such file: {path}")
-        suffixes = {Path(path).suffix.lower() for path in files.values()}
+            if not path.exists():
+                raise FileNotFoundError(f"data.files.{split}: no such file or folder: {path}")
+        if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
+            return load_dataset("imagefolder", data_files={split: str(path / "**") for split, path in files.items()})
+        suffixes = {path.suffix.lower() for path in files.values()}
         if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_FORMATS:
             raise ValueError(
-                f"data.files must all have one of the extensions {sorted(FILE_FORMATS)}; got {sorted(suffixes)}"
+                f"data.files must all have one of the extensions {sorted(FILE_FORMATS)}, or all be image folders; "
+                f"got {sorted(suffixes)}"
             )
-        return load_dataset(FILE_FORMATS[suffixes.pop()], data_files=files)
+        return load_dataset(FILE_FORMATS[suffixes.pop()], data_files={split: str(p) for split, p in files.items()})
     if cfg.name in builtin:
         return builtin[cfg.name]()
     return load_dataset(cfg.name, cfg.subset)

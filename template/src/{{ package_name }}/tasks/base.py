@@ -90,8 +90,9 @@ class Task:
     def input_problem(self, model, batch: dict) -> str | None:
         """What is wrong with a batch before any forward pass (on a GPU a bad id is an opaque device assert):
         token ids outside the embedding table, labels outside [0, outputs), non-finite values. None if fine."""
-        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
         ids = batch.get("input_ids")
+        # Only for token inputs: models without an embedding table (images) raise NotImplementedError here.
+        embeddings = None if ids is None else getattr(model, "get_input_embeddings", lambda: None)()
         if ids is not None and embeddings is not None and ids.numel():
             rows = embeddings.num_embeddings
             if ids.min() < 0 or ids.max() >= rows:
