@@ -81,6 +81,10 @@ def save_broken_copy(overrides: list, folder: Path, change) -> Path:
 def test_init_loss_far_from_uniform_names_both_numbers(pkg, make_config, toy_overrides, tmp_path):
     broken = save_broken_copy(toy_overrides, tmp_path / "model", lambda weight: weight * 30)  # over-confident
     cfg = make_config(*toy_overrides, f"model.name_or_path='{broken}'")  # the later override wins
+    run = pkg.loop.setup(cfg, tmp_path / "setup")
+    if run.task.expected_init_loss(run.accelerator.unwrap_model(run.model)) is None:
+        # A saved language model may have learnt anything (its task tests the check on a model from scratch).
+        pytest.skip("the task expects no particular initial loss from a saved model")
     with pytest.raises(checks.PreflightError) as error:
         pkg.loop.train(cfg, tmp_path / "run")
     assert_names_check(error, "init_loss", "the loss of uniform predictions", " = ln(")
@@ -171,21 +175,22 @@ def test_round_trip_fails_when_a_file_needs_pickled_code_to_load(toy, tmp_path):
     assert "custom_checkpoint_0.pkl" in str(error.value) and "scheduler.bin" not in str(error.value)
 
 
-def tamper_model_file(path):
+def tamper_model_file(path) -> tuple:
+    """Change the smallest weight tensor (a bias or a norm: never one tied to another); return where it shows."""
     tensors = load_file(path / "model.safetensors")
-    tensors["classifier.bias"] += 1
+    name = min((n for n, t in tensors.items() if t.is_floating_point()), key=lambda n: (tensors[n].numel(), n))
+    tensors[name] += 1
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return (f"model.{name}",)
 
 
-def drop_rng_file(path):
+def drop_rng_file(path) -> tuple:
     (path / "random_states_0.pkl").unlink()  # Accelerate then only logs "Could not load random states"
+    return ("rng.", "step")  # the step is in it
 
 
-@pytest.mark.parametrize(
-    "tamper, changed",
-    [(tamper_model_file, ("model.classifier.bias",)), (drop_rng_file, ("rng.", "step"))],  # the step is in it
-)
-def test_the_round_trip_comparison_catches_a_tampered_checkpoint(pkg, toy, tmp_path, tamper, changed):
+@pytest.mark.parametrize("tamper", [tamper_model_file, drop_rng_file])
+def test_the_round_trip_comparison_catches_a_tampered_checkpoint(pkg, toy, tmp_path, tamper):
     setup = toy()
     accelerator, model, optimizer, scheduler = setup.objects
     checks.train_step(accelerator, setup.task, model, optimizer, setup.batches[0], 1.0)
@@ -194,7 +199,7 @@ def test_the_round_trip_comparison_catches_a_tampered_checkpoint(pkg, toy, tmp_p
     pkg.checkpoints.load(accelerator, path)
     assert checks.differences(saved, checks.snapshot(accelerator, model, optimizer, scheduler)) == []
 
-    tamper(path)
+    changed = tamper(path)
     with pytest.raises(pkg.checkpoints.CorruptCheckpointError):  # resume refuses it by its checksums...
         pkg.checkpoints.load(accelerator, path)
     checks.perturb(accelerator, model, optimizer, scheduler)
