@@ -38,7 +38,7 @@ def render(template_src, tmp_path_factory) -> Callable[..., Path]:
     cache: dict[tuple, Path] = {}
 
     def _render(**answers) -> Path:
-        key = tuple(sorted(answers.items()))
+        key = repr(sorted(answers.items()))  # answers may hold lists (tasks)
         if key not in cache:
             dst = tmp_path_factory.mktemp("project")
             copier.run_copy(
