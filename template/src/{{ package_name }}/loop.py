@@ -14,7 +14,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import GradientAccumulationPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
 from . import checkpoints, launch
@@ -368,7 +368,9 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
     model = task.build_model(cfg.model)
     if checkpoint is not None:
-        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        # load_model, not load_state_dict: the checkpoint holds one of each group of tied weights (an embedding
+        # shared with the output layer, say), and load_model knows the others are the same tensor.
+        load_model(model, checkpoint / "model.safetensors")
     model, dataloader = accelerator.prepare(model, make_eval_dataloader(datasets[cfg.split], cfg.data, task.collate))
     metrics, records = evaluate(task, model, dataloader, accelerator)
     source = str(checkpoint or cfg.model.name_or_path or cfg.model._target_ or cfg.model.model_type)
