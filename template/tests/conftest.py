@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,12 @@ def hf_home(tmp_path_factory):
     os.environ["HF_HOME"] = str(path)
     os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
     return path
+
+
+def run_script(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    """Run a project entry point (train.py, evaluate.py) with Hydra overrides, as a user would, from the project."""
+    command = [sys.executable, script, *overrides]
+    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=dict(os.environ))
 
 
 def reset_accelerate_state() -> None:

@@ -2,12 +2,9 @@
 one prediction per example."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import PROJECT_ROOT, TASKS, reset_accelerate_state
+from conftest import TASKS, reset_accelerate_state, run_script
 
 
 def read_predictions(run_dir) -> list:
@@ -41,19 +38,8 @@ def test_evaluate_command_line_writes_metrics_and_predictions_into_its_own_folde
 ):
     trained = pkg.loop.train(make_config(*toy_overrides), tmp_path / "train")
     run_dir = tmp_path / "evaluation"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "evaluate.py",
-            *toy_overrides,
-            f"model.name_or_path='{tmp_path / 'train' / 'model'}'",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-    )
+    exported = f"model.name_or_path='{tmp_path / 'train' / 'model'}'"
+    done = run_script("evaluate.py", *toy_overrides, exported, f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads((run_dir / "metrics.json").read_text())["metrics"] == trained["metrics"]
     assert (run_dir / "evaluate.log").is_file() and len(read_predictions(run_dir)) == trained["metrics"]["examples"]

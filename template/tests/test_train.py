@@ -2,33 +2,18 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import PROJECT_ROOT
+from conftest import run_script
 from safetensors.torch import load_file
 
 
 def test_default_command_line_trains_evaluates_checkpoints_and_exports(tmp_path):
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "trainer.max_steps=30",
-            "trainer.eval_every_n_steps=15",
-            "checkpoint.every_n_steps=10",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-    )
+    overrides = ["trainer.max_steps=30", "trainer.eval_every_n_steps=15", "checkpoint.every_n_steps=10"]
+    done = run_script("train.py", *overrides, f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr[-4000:]
     assert "validation " in done.stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
