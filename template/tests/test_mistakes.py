@@ -161,13 +161,16 @@ def test_mistake_gets_one_clear_message_and_loses_nothing(mistake, toy_overrides
         assert {path: after.get(path) for path in before} == before
 
 
-def test_a_run_folder_in_use_refuses_a_second_run(pkg, toy_overrides, tmp_path, capsys):
-    # The lock is per open file: taken here, it stands for another run of the same folder, as another process would.
-    lock = pkg.run_folder.lock(tmp_path / "run")
+def test_a_run_folder_in_use_refuses_a_second_run(pkg, toy_overrides, make_config, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train_script_first("trainer.max_steps=2")(tmp_path, toy_overrides, pkg, make_config)  # signs run.lock: our pid
+    before = files_and_digests(run_dir)
+    # The lock is per open file: taken again here, it stands for that run still going on, as in another process.
+    lock = pkg.run_folder.acquire(run_dir)
     try:
-        code, output = run_in_process("train.py", [*toy_overrides, f"hydra.run.dir={tmp_path / 'run'}"], capsys)
+        code, output = run_in_process("train.py", [*toy_overrides, "resume=latest", f"hydra.run.dir={run_dir}"], capsys)
     finally:
         lock.close()
     assert code == 1 and f"is in use by another run (pid and host: {os.getpid()} " in output, output
     assert "Traceback" not in output
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["run.lock"]  # no .hydra/, no train.log
+    assert files_and_digests(run_dir) == before  # no new file (.hydra/ stays the first run's), none changed

@@ -192,7 +192,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     ranks = launch.gathered_ranks(accelerator)  # fails at once if the launched processes did not form one group
     resume_from = checkpoints.resolve_resume(cfg.resume, run_dir / "checkpoints")
     if resume_from is not None:  # before anything is built: a changed model fails here, not in load_state
-        run_folder.check_resume(checkpoints.read_record(resume_from), cfg, accelerator.num_processes)
+        accepted = run_folder.check_resume(resume_from, cfg, accelerator.num_processes)
+        if accepted:
+            logger.warning(f"resuming with changes that resume_allow accepts: {'; '.join(accepted)}")
     seed = trainer.seed
     set_seed(seed, deterministic=trainer.deterministic)
 

@@ -12,14 +12,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from accelerate.logging import get_logger
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from . import checkpoints, launch
 from .config import ConfigError, to_container
-
-logger = get_logger(__name__)
 
 LOCK_FILE = "run.lock"  # locked by the main process while a run uses the folder; it holds that run's pid and host
 OUTPUTS = ("model", "best_model", "metrics.json")  # what a run leaves besides checkpoints
@@ -89,24 +86,25 @@ def resume_problems(saved: dict, new: dict, allowed=()) -> list:
     return problems
 
 
-def check_resume(record: dict, cfg: DictConfig, num_processes: int) -> None:
-    """Refuse to resume from a checkpoint (its `record`) with a config that changes what its run trains on; log the
-    changes that `resume_allow` accepts."""
+def check_resume(checkpoint: Path, cfg: DictConfig, num_processes: int) -> list:
+    """Refuse to resume from `checkpoint` with a config that changes what its run trains on; return the changes that
+    `resume_allow` accepts (the caller logs them)."""
+    record = checkpoints.read_record(checkpoint)
     if record.get("config") is None:  # saved by code that did not record the config
-        return
+        return []
     saved = {**record["config"], "num_processes": record.get("num_processes", num_processes)}
     new = {**to_container(cfg), "num_processes": num_processes}
     refused = resume_problems(saved, new, cfg.resume_allow)
-    accepted = [problem for problem in resume_problems(saved, new) if problem not in refused]
-    if accepted:
-        logger.warning(f"resuming with changes that resume_allow accepts: {'; '.join(accepted)}")
     if refused:
+        keys = ",".join(problem.split(":")[0] for problem in refused)
         raise RunFolderError(
-            f"resume={cfg.resume}: this config differs from the checkpoint's run where a resumed run must not:\n  "
+            f"resume={cfg.resume}: these keys differ from the run of {checkpoint}, and a resumed run must keep them "
+            "(they decide its data order, its model, or its optimizer state, which the checkpoint replaces):\n  "
             + "\n  ".join(refused)
-            + "\nResume with the checkpoint's values; or start a new run (resume=null, a new hydra.run.dir); or, to "
-            "change them on purpose, list the keys: resume_allow=[" + ",".join(p.split(":")[0] for p in refused) + "]"
+            + "\nResume with the checkpoint's values; or start a new run (resume=null, in a new hydra.run.dir); "
+            f"or accept the change on purpose: resume_allow=[{keys}]"
         )
+    return resume_problems(saved, new)
 
 
 def _resumed_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -119,12 +117,11 @@ def _resumed_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _readable_record(checkpoint: Path | None) -> dict | None:
-    """The checkpoint's record, or None when there is none to read (loop.setup then names what is wrong with it)."""
+def _readable(checkpoint: Path | None) -> bool:
     try:
-        return None if checkpoint is None else checkpoints.read_record(checkpoint)
+        return checkpoint is not None and isinstance(checkpoints.read_record(checkpoint), dict)
     except (OSError, ValueError):
-        return None
+        return False
 
 
 def refuse_reuse(run_dir: Path, resume: str | None) -> None:
@@ -144,7 +141,7 @@ def refuse_reuse(run_dir: Path, resume: str | None) -> None:
         )
 
 
-def lock(run_dir: Path):
+def acquire(run_dir: Path):
     """Lock the run folder for as long as the returned file stays open, or refuse naming the run that holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     file = (run_dir / LOCK_FILE).open("a+")
@@ -158,10 +155,14 @@ def lock(run_dir: Path):
             f"hydra.run.dir={run_dir} is in use by another run (pid and host: {holder}); a run folder holds one run: "
             "wait for that run to end, or choose another hydra.run.dir"
         ) from None
-    file.truncate(0)
-    file.write(f"{os.getpid()} {socket.gethostname()}\n")
-    file.flush()
     return file
+
+
+def sign(lock) -> None:
+    """Write this run's pid and host into the lock file it holds, for a run refused by the lock to name."""
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} {socket.gethostname()}\n")
+    lock.flush()
 
 
 class ClaimRunFolder(Callback):
@@ -176,15 +177,19 @@ class ClaimRunFolder(Callback):
         task_config = config.copy()
         with open_dict(task_config):
             del task_config["hydra"]
+        main = launch.rank() == 0
         try:
+            if main and (run_dir / LOCK_FILE).exists():  # a folder in use is refused as such (a new folder gets no
+                self.lock = acquire(run_dir)  # lock file before the checks pass: a refused run leaves no folder)
             refuse_reuse(run_dir, task_config.resume)
             resumed = _resumed_checkpoint(task_config.resume, run_dir)
-            record = _readable_record(resumed)
-            if record is not None:
-                check_resume(record, task_config, launch.world_size())
-            if launch.rank() == 0:
-                self.lock = lock(run_dir)
+            if _readable(resumed):  # else loop.setup verifies it and says what is wrong with it
+                check_resume(resumed, task_config, launch.world_size())
+            if main:
+                self.lock = self.lock or acquire(run_dir)
+                sign(self.lock)
         except ConfigError as error:
+            self.on_run_end(config)
             raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
