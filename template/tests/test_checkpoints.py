@@ -170,6 +170,8 @@ def test_resume_keeps_what_the_checkpoint_trained_on_and_lets_the_rest_change(pk
     assert changes("optimizer.lr=0.5") == ["optimizer.lr: 0.1 -> 0.5"]  # the optimizer's saved state would win
     assert changes("+model.config.foo=4", allowed=["model"]) == []
     assert changes("+model.config.foo=4") == ["model.config.foo: (unset) -> 4"]
+    empty, one_key = {"model": {"config": {}}}, {"model": {"config": {"foo": 4}}}
+    assert pkg.run_folder.resume_problems(empty, one_key) == ["model.config.foo: (unset) -> 4"]
     # A decaying schedule is laid out over trainer.max_steps: a new length would make its learning rate jump.
     assert changes("trainer.max_steps=99999", schedule="linear") == ["trainer.max_steps: 100 -> 99999"]
 

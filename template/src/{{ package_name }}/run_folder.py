@@ -41,6 +41,7 @@ RESUME_SAFE = (
     "trainer.log_with",
     "trainer.tracker_project",
     "trainer.deterministic",
+    "trainer.cpu",
     "checkpoint.every_n_steps",
     "checkpoint.keep",
     "checkpoint.keep_count",
@@ -62,7 +63,7 @@ def _matches(key: str, patterns) -> bool:
 def _flat(node: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in node.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty one adds no key: {} and no value at all are the same
             flat.update(_flat(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
@@ -118,8 +119,11 @@ def _resumed_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def _readable(checkpoint: Path | None) -> bool:
+    if checkpoint is None:
+        return False
     try:
-        return checkpoint is not None and isinstance(checkpoints.read_record(checkpoint), dict)
+        checkpoints.read_record(checkpoint)
+        return True
     except (OSError, ValueError):
         return False
 
