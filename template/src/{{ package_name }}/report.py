@@ -55,9 +55,12 @@ def best_first(entries: list, mode: str) -> list:
     return sorted(entries, key=lambda entry: (entry[0]["best"] is None, sign * (entry[0]["best"] or 0)))
 
 
-def shown(value) -> str:
+def shown(value, width: int = 100) -> str:
+    """A table cell: numbers to 4 significant digits, long text cut (report.csv has it whole)."""
     if value is None:
         return "-"
+    if isinstance(value, str) and len(value) > width:
+        return value[: width - 3] + "..."
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"  # throughput: whole numbers, no exponent
     return str(value)
