@@ -29,9 +29,9 @@ from .config import (
     validate,
 )
 from .data import make_dataloaders, make_eval_dataloader
-from .metrics_log import METRICS_FILE, MetricsFile, Throughput, append_summary
+from .metrics_log import MetricsFile, Throughput, append_summary
 from .optim import build_optimizer, build_scheduler
-from .records import to_json
+from .records import METRICS_FILE, to_json
 from .tasks.base import Task
 
 logger = get_logger(__name__)

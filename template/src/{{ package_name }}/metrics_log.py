@@ -25,8 +25,6 @@ from accelerate.utils import gather_object
 from .records import to_json
 from .tasks.base import Task
 
-METRICS_FILE = "metrics.jsonl"
-
 
 def append_line(path: Path, record: dict) -> None:
     with Path(path).open("a") as file:

@@ -8,6 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from .records import METRICS_FILE
 from .runs import NoRunsError, differing_config, find_runs, load_run
 
 DEFAULT_MONITOR = ("loss", "min")  # every task's validation loss: for runs that have not finished yet
@@ -103,7 +104,8 @@ def plot_curves(runs: list, labels: list, monitor: str, path: Path) -> None:
 
 def report(paths: list, out: Path) -> list:
     """Print the table of the runs under `paths`, best first, and write report.csv and curves.png into `out`."""
-    runs = [load_run(folder) for folder in find_runs(paths)]
+    folders, silent = find_runs(paths)
+    runs = [load_run(folder) for folder in folders]
     monitor, mode = monitored(runs)
     entries = [(row(run, label, monitor, mode), run, label) for run, label in zip(runs, differing_config(runs))]
     entries = best_first(entries, mode)
@@ -133,6 +135,8 @@ def report(paths: list, out: Path) -> list:
     plot_curves([run for _, run, _ in entries], [r["config"] or r["run"] for r in rows], monitor, out / "curves.png")
     print("examples/s, tokens/s: median over the logged steps; peak GB: on a GPU the memory of tensors, else the")
     print("process's peak resident set size")
+    if silent:
+        print(f"no {METRICS_FILE} (failed before the first logged step, or starting): {', '.join(map(str, silent))}")
     print(f"wrote {out / 'report.csv'} and {out / 'curves.png'}")
     return rows
 

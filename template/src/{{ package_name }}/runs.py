@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .metrics_log import METRICS_FILE
+from .records import METRICS_FILE
 
 
 class NoRunsError(ValueError):
@@ -37,9 +37,10 @@ def is_run(folder: Path) -> bool:
     return (folder / ".hydra" / "config.yaml").is_file() and (folder / METRICS_FILE).is_file()
 
 
-def find_runs(paths: list) -> list:
-    """The run folders that `paths` name or hold, each once, in the order given (and by path below a folder)."""
-    found = []
+def find_runs(paths: list) -> tuple:
+    """The run folders that `paths` name or hold, each once, in the order given (and by path below a folder); and
+    the folders with a config but no metrics file (a run that failed before its first logged step, or is starting)."""
+    found, silent = [], []
     for path in map(Path, paths):
         if not path.is_dir():
             raise NoRunsError(f"{path}: no such folder")
@@ -51,7 +52,8 @@ def find_runs(paths: list) -> list:
                 "as `python train.py` writes them)"
             )
         found += [run for run in runs if run not in found]
-    return found
+        silent += [folder for folder in below if folder not in runs and folder not in silent]
+    return found, silent
 
 
 def flatten(node: dict, prefix: str = "") -> dict:
