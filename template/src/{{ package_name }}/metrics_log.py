@@ -27,6 +27,7 @@ from .tasks.base import Task
 
 
 def append_line(path: Path, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # a resumed run may start in a new folder
     with Path(path).open("a") as file:
         file.write(to_json(record) + "\n")
 
