@@ -8,7 +8,7 @@ import math
 import matplotlib.image
 import pytest
 import yaml
-from conftest import run_in_process
+from conftest import TASKS, run_in_process
 
 LEARNING_RATES = ["1e-4", "1e-3", "1e-2"]
 STEPS = [
@@ -113,3 +113,20 @@ def test_report_on_a_folder_without_runs_says_what_a_run_folder_is(tmp_path, cap
 
     code, output = run_in_process("report.py", [str(tmp_path / "missing")], capsys)
     assert code == 2 and "missing: no such folder" in output
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_logs_throughput_and_tokens_when_it_reads_tokens(task, toys, pkg, make_config, tmp_path):
+    cfg = make_config(*toys(task), "trainer.max_steps=4", "trainer.log_every_n_steps=2", "checks.enabled=false")
+    pkg.loop.train(cfg, tmp_path / "run")
+    train = [line for line in lines_of(tmp_path / "run") if "train/loss" in line]
+    assert [line["step"] for line in train] == [2, 4]
+
+    task_object = pkg.config.build_task(cfg.task)
+    batch = task_object.collate([task_object.load(cfg.data, cfg.model, 0)["train"][0]])
+    for line in train:
+        assert line["perf/examples_per_s"] > 0 and line["perf/seconds_per_step"] > 0
+        if "input_ids" in batch:  # every example holds at least one token
+            assert line["perf/tokens_per_s"] >= line["perf/examples_per_s"]
+        else:
+            assert "perf/tokens_per_s" not in line
