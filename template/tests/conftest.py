@@ -140,7 +140,7 @@ def toy_overrides(toys, default_task):
 @pytest.fixture(scope="session")
 def pkg():
     """The project's package modules (tests stay free of the package name)."""
-    names = "checkpoints checks config data launch loop modeling optim records run_folder tasks.base".split()
+    names = "checkpoints checks config data launch loop modeling optim records run_folder runs tasks.base".split()
     return SimpleNamespace(**{name.replace(".", "_"): importlib.import_module(f"{PACKAGE}.{name}") for name in names})
 
 

@@ -4,6 +4,7 @@ a `python train.py -m` multirun of the toy run at three learning rates, run as a
 import csv
 import json
 import math
+import shutil
 
 import matplotlib.image
 import pytest
@@ -130,3 +131,29 @@ def test_every_task_logs_throughput_and_tokens_when_it_reads_tokens(task, toys, 
             assert line["perf/tokens_per_s"] >= line["perf/examples_per_s"]
         else:
             assert "perf/tokens_per_s" not in line
+
+
+def test_a_resumed_run_counts_each_step_once_the_later_line_winning(pkg, toy_overrides, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [
+        *toy_overrides,
+        *STEPS[1:3],
+        "trainer.max_steps=8",
+        "checkpoint.every_n_steps=4",
+        f"hydra.run.dir={run_dir}",
+    ]
+    assert run_in_process("train.py", args, capsys)[0] == 0
+    # Preempted after logging step 8, before its checkpoint and export: resumed from step 4, it logs 6 and 8 again.
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    shutil.rmtree(run_dir / "model")
+    (run_dir / "metrics.json").unlink()
+    code, output = run_in_process("train.py", [*args, "resume=latest"], capsys)
+    assert code == 0, output
+
+    lines = lines_of(run_dir)
+    assert [line["step"] for line in lines if "train/loss" in line] == [2, 4, 6, 8, 6, 8]
+    run = pkg.runs.load_run(run_dir)
+    assert [line["step"] for line in run.train] == [2, 4, 6, 8]
+    assert run.train[2:] == [line for line in lines if "train/loss" in line][4:]  # the resumed run's lines
+    assert [step for step, _ in run.metric("loss")] == [4, 8]
+    assert run.summary == json.loads((run_dir / "metrics.json").read_text())
