@@ -73,6 +73,11 @@ def table(rows: list, headers: dict) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
 
 
+def steps_and_values(points: list) -> tuple:
+    """(steps, values) for matplotlib, from (step, value) pairs; empty lists for none (a run not logged yet)."""
+    return ([step for step, _ in points], [value for _, value in points])
+
+
 def plot_curves(runs: list, labels: list, monitor: str, path: Path) -> None:
     """The training loss and each validation metric of every run against the step, one panel per curve."""
     import matplotlib
@@ -84,12 +89,10 @@ def plot_curves(runs: list, labels: list, monitor: str, path: Path) -> None:
     metrics = [monitor] + [name for name in metrics if name not in (monitor, "examples")]
     figure, axes = plt.subplots(1, 1 + len(metrics), figsize=(5 * (1 + len(metrics)), 4), sharex=True, squeeze=False)
     for run, label in zip(runs, labels):
-        train_line = axes[0][0].plot(*zip(*[(line["step"], line["train/loss"]) for line in run.train]) or ([], []))
-        color = train_line[0].get_color()
-        for axis, name in zip(axes[0][1:], metrics):
-            points = run.metric(name)
-            axis.plot(*zip(*points) if points else ([], []), marker="o", markersize=3, color=color)
-        train_line[0].set_label(label)
+        (train_line,) = axes[0][0].plot(*steps_and_values([(line["step"], line["train/loss"]) for line in run.train]))
+        train_line.set_label(label)
+        for axis, name in zip(axes[0][1:], metrics):  # the same color as the run's training curve
+            axis.plot(*steps_and_values(run.metric(name)), marker="o", markersize=3, color=train_line.get_color())
     axes[0][0].set_title("training loss")
     for axis, name in zip(axes[0][1:], metrics):
         axis.set_title(f"validation {name}" + (" (monitored)" if name == monitor else ""))
