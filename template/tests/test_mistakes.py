@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, run_script
+from conftest import PROJECT_ROOT, run_in_process, run_script
 
 TOY = "<toy>"  # in a row's args: the default task's toy overrides go here
 
@@ -116,23 +116,6 @@ MISTAKES = [
 
 def files_and_digests(folder: Path) -> dict:
     return {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.rglob("*") if path.is_file()}
-
-
-def run_in_process(script: str, args: list, capsys) -> tuple:
-    """Run a project script as `python script args` would, in this process (imports are paid once): exit status
-    and output."""
-    argv, sys.argv = sys.argv, [script, *args]
-    try:
-        runpy.run_path(str(PROJECT_ROOT / script), run_name="__main__")
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda mistake: mistake.name)
