@@ -5,6 +5,7 @@ with the key and the list of valid values. Numeric ranges are declared next to e
 (`bounded`) and checked by `validate` before any model is built.
 """
 
+import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any
@@ -15,6 +16,8 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+from .errors import UserError, reported
 
 
 class MixedPrecision(Enum):
@@ -189,8 +192,41 @@ class EvaluateConfig(TrainConfig):
     checkpoint_path: str | None = None
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that composes but makes no sense."""
+
+
+def _unknown_keys(node: DictConfig, prefix: str, everywhere: list) -> list:
+    """Keys that are not fields of the node's schema dataclass, as `+key=value` and `++key=value` add them (the
+    plain form fails at compose time), so a typo never passes silently. Free-form nodes (`task`, whose keys
+    build_task checks, and `model.config`) have no schema and are skipped. `everywhere` holds every key of the
+    schema, dotted, for a key given at the wrong level."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return []
+    names = [f.name for f in fields(schema)]
+    problems = []
+    for key in node.keys():
+        if key == "hydra" or key in names:
+            continue
+        close = difflib.get_close_matches(str(key), names, n=1)
+        elsewhere = [path for path in everywhere if path.rsplit(".", 1)[-1] == key]
+        suggestion = prefix + close[0] if close else (elsewhere or [None])[0]
+        hint = f"did you mean {suggestion}?" if suggestion else f"the keys here are {names}"
+        problems.append(f"{prefix}{key} is not a config key: {hint}")
+    for name in names:
+        child = node._get_node(name)
+        if isinstance(child, DictConfig):
+            problems += _unknown_keys(child, f"{prefix}{name}.", everywhere)
+    return problems
+
+
+def _schema_keys(schema: Any, prefix: str = "") -> list:
+    """Every key of a schema dataclass, dotted: ["model._target_", ..., "trainer.max_steps", ...]."""
+    keys = []
+    for f in fields(schema):
+        keys += _schema_keys(f.type, f"{prefix}{f.name}.") if is_dataclass(f.type) else [prefix + f.name]
+    return keys
 
 
 def _range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
@@ -255,7 +291,9 @@ def _model_problems(model: DictConfig) -> list:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad value, before any compute is spent."""
-    problems = _range_problems(TrainConfig, cfg, "")
+    schema = OmegaConf.get_type(cfg)
+    problems = _unknown_keys(cfg, "", _schema_keys(schema)) if is_dataclass(schema) else []
+    problems += _range_problems(TrainConfig, cfg, "")
     problems += _task_problems(cfg) + _model_problems(cfg.model)
     data = cfg.data
     if (data.name is None) == (data.files is None):
@@ -277,11 +315,9 @@ class ValidateConfig(Callback):
     """Hydra callback: validate before Hydra creates the run folder, so a bad run leaves none."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
+        # Hydra turns exceptions in callbacks into warnings; `reported` exits (SystemExit), which really stops it.
+        with reported():
             validate(config)
-        except ConfigError as error:
-            # Hydra turns exceptions in callbacks into warnings; SystemExit really stops the run.
-            raise SystemExit(f"Error: {error}") from None
 
 
 def register_configs() -> None:
