@@ -255,6 +255,13 @@ MISTAKES += [
         code=130,
         interrupt_after="checkpoint saved",
     ),
+    Mistake(
+        "ctrl-c before any checkpoint",
+        [TOY, "trainer.max_steps=100000"],
+        "no checkpoint yet, so a rerun starts over",
+        code=130,
+        interrupt_after="preflight checks passed",
+    ),
 ]
 
 
@@ -329,3 +336,12 @@ def test_mistake_gets_one_clear_message_and_loses_nothing(
     if code != 0:  # a failure loses nothing: every file is still there, byte for byte
         after = files_and_digests(tmp_path)
         assert {path: after.get(path) for path in before} == before
+
+
+def test_full_error_shows_the_traceback_too(toy_overrides, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    args = [*toy_overrides, f"resume={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    code, output = run_in_process("train.py", args, capsys)
+    assert code == 1
+    assert "Traceback" in output and "ConfigError" in output
+    assert output.rstrip().splitlines()[-1].endswith("or resume=latest with hydra.run.dir=<run folder>")

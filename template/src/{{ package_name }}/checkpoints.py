@@ -117,11 +117,6 @@ def resolve_resume(resume: str | None, folder: Path) -> Path | None:
         return None
     if resume != "latest":
         path = Path(resume).expanduser()
-        if not path.is_dir():
-            raise CorruptCheckpointError(
-                f"resume={resume}: no such folder. Give a checkpoint folder (<run folder>/checkpoints/step_XXXXXXXX) "
-                "or resume=latest with hydra.run.dir=<run folder>"
-            )
         verify(path)
         return path
     for path in reversed(list_complete(folder)):

@@ -8,6 +8,7 @@ with the key and the list of valid values. Numeric ranges are declared next to e
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -280,12 +281,32 @@ def _task_problems(cfg: DictConfig) -> list:
     return problems
 
 
+def model_folder(name_or_path: str) -> Path | None:
+    """The local folder that `model.name_or_path` names, or None for a hub id. A path that is not there is refused
+    here: transformers would take it for a hub id and fail with a repo id syntax or connection error."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        problem = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: {problem} (give a model folder, e.g. <run folder>/model, "
+            "or a hub id such as namespace/name)"
+        )
+    return None
+
+
 def _model_problems(model: DictConfig) -> list:
     if all(model[key] is None for key in ("_target_", "name_or_path", "model_type")):
         return [
             "model: set one of model._target_ (your own nn.Module), model.name_or_path (a hub id or a folder) "
             "and model.model_type (a transformers architecture from scratch), or pick one with model=<name>"
         ]
+    if model.name_or_path is not None:
+        try:
+            model_folder(model.name_or_path)
+        except ConfigError as error:
+            return [str(error)]
     return []
 
 
@@ -300,6 +321,11 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             "data: set exactly one of data.name (a hub or built-in dataset) "
             "and data.files (local csv/json/parquet files or image folders per split)"
+        )
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
+        problems.append(
+            f"resume={cfg.resume}: no such folder; give a checkpoint folder (<run folder>/checkpoints/step_XXXXXXXX) "
+            "or resume=latest with hydra.run.dir=<run folder>"
         )
     fp16 = cfg.trainer.mixed_precision == MixedPrecision.fp16
     if fp16 and (cfg.trainer.cpu or not torch.cuda.is_available()):

@@ -108,9 +108,10 @@ def require_columns(dataset: Dataset, columns: dict) -> None:
         cells = dataset.with_format("arrow")[column]  # Arrow: nothing decoded (images, say)
         if cells.null_count:
             row = pc.index(pc.is_null(cells), True).as_py() + 1
+            others = f" (and {cells.null_count - 1} more rows)" if cells.null_count > 1 else ""
             raise DataError(
-                f"{source(dataset)}: row {row} has an empty cell in column {column!r} ({key}); "
-                f"{cells.null_count} rows have one. Fill them or drop those rows"
+                f"{source(dataset)}: row {row}{others} has an empty cell in column {column!r} ({key}); "
+                "fill it or drop the row"
             )
 
 

@@ -13,25 +13,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import ConfigError
+from .config import ConfigError, model_folder
 
 WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
-
-
-def local_folder(name_or_path: str) -> Path | None:
-    """The local folder that `model.name_or_path` names, or None for a hub id. A path that is not there is refused
-    here: transformers would take it for a hub id and fail with a repo id syntax or connection error."""
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        problem = "is a file, not a folder" if folder.exists() else "no such folder"
-        raise ConfigError(
-            f"model.name_or_path={name_or_path}: {problem} (give a model folder, e.g. <run folder>/model, "
-            "or a hub id such as namespace/name)"
-        )
-    return None
 
 
 @contextmanager
@@ -75,7 +60,7 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
         ) from None
     module = module_class(**kwargs)
     if cfg.name_or_path is not None:
-        folder = local_folder(cfg.name_or_path) or Path(cfg.name_or_path)
+        folder = model_folder(cfg.name_or_path) or Path(cfg.name_or_path)
         with loading(cfg.name_or_path):
             module.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return module
@@ -88,7 +73,7 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     if cfg._target_ is not None:
         return build_own_module(cfg, scratch_kwargs)
     if cfg.name_or_path is not None:
-        folder = local_folder(cfg.name_or_path)
+        folder = model_folder(cfg.name_or_path)
         if folder is not None and not (folder / "config.json").is_file():
             raise ConfigError(
                 f"model.name_or_path={cfg.name_or_path} has no config.json, so it is not a save_pretrained folder "
@@ -103,7 +88,7 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model. A local folder without tokenizer files is refused: transformers would
     quietly build one that maps every text to unknown tokens."""
-    folder = local_folder(name_or_path)
+    folder = model_folder(name_or_path)
     if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             f"model.name_or_path={name_or_path} has no tokenizer files (one of {list(TOKENIZER_FILES)}): save the "
