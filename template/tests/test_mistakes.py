@@ -82,8 +82,16 @@ def copy_toy_model(keep: tuple = ("config.json", "model.safetensors"), truncate:
 
 
 GOOD_CSV = "text,label\naeiou,1\nbcdfg,0\n"
-CSV_FILES = ["data.files.train={tmp}/train.csv", "data.files.validation={tmp}/validation.csv"]
 TEXT = "text_classification"  # the rows on data files write its columns (text, label)
+
+
+def bad_data(name: str, message: str, train: str = GOOD_CSV, validation: str = GOOD_CSV, suffix: str = ".csv"):
+    """A row whose training and validation files hold these texts."""
+    files = {f"train{suffix}": train, f"validation{suffix}": validation}
+    args = [TOY, *(f"data.files.{file.removesuffix(suffix)}={{tmp}}/{file}" for file in files)]
+    return Mistake(name, args, message, prepare=write(files), task=TEXT)
+
+
 TOKENIZER_TASKS = ["text_classification", "causal_lm", "seq2seq"]  # the tasks that load model.name_or_path's tokenizer
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
 LONG_RUN = [TOY, "trainer.max_steps=100000", "checks.enabled=false"]  # still training when Ctrl-C comes
@@ -96,60 +104,56 @@ MISTAKES += [
     Mistake(
         "unknown evaluate key", ["+splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
     ),
-    # Data files: each message names the file, and the row and column where there is one.
-    Mistake(
+    # Data files (the text task's columns): each message names the file, and the row and column where there is one.
+    bad_data(
         "empty text cell",
-        [TOY, *CSV_FILES],
         "train.csv: row 2 has an empty cell in column 'text' (task.text_column)",
-        prepare=write({"train.csv": "text,label\naeiou,1\n,0\nbcdfg,0\n", "validation.csv": GOOD_CSV}),
-        task=TEXT,
+        train="text,label\naeiou,1\n,0\nbcdfg,0\n",
     ),
-    Mistake(
+    bad_data(
         "empty label cell",
-        [TOY, *CSV_FILES],
         "validation.csv: row 1 has an empty cell in column 'label' (task.label_column)",
-        prepare=write({"train.csv": GOOD_CSV, "validation.csv": "text,label\naeiou,\n"}),
-        task=TEXT,
+        validation="text,label\naeiou,\n",
     ),
-    Mistake(
+    bad_data(
         "header-only file",
-        [TOY, *CSV_FILES],
         "validation.csv: the file has no rows (is it empty, or only a header?)",
-        prepare=write({"train.csv": GOOD_CSV, "validation.csv": "text,label\n"}),
-        task=TEXT,
+        validation="text,label\n",
     ),
-    Mistake(
-        "empty file",
-        [TOY, *CSV_FILES],
-        "train.csv: the file has no rows",
-        prepare=write({"train.csv": "", "validation.csv": GOOD_CSV}),
-        task=TEXT,
-    ),
-    Mistake(
+    bad_data("empty file", "train.csv: the file has no rows", train=""),
+    bad_data(
         "ragged csv",
-        [TOY, *CSV_FILES],
         "train.csv: cannot be read as csv: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3",
-        prepare=write({"train.csv": "text,label\naeiou,1\nbc,dfg,0\n", "validation.csv": GOOD_CSV}),
-        task=TEXT,
+        train="text,label\naeiou,1\nbc,dfg,0\n",
     ),
-    Mistake(
+    bad_data(
         "malformed json line",
-        [TOY, "data.files.train={tmp}/train.jsonl", "data.files.validation={tmp}/validation.jsonl"],
         "train.jsonl: line 2 is not valid JSON",
-        prepare=write(
-            {
-                "train.jsonl": '{"text": "aeiou", "label": 1}\n{"text": "bcdfg", label: 0}\n',
-                "validation.jsonl": '{"text": "aeiou", "label": 1}\n',
-            }
-        ),
-        task=TEXT,
+        suffix=".jsonl",
+        train='{"text": "aeiou", "label": 1}\n{"text": "bcdfg", label: 0}\n',
+        validation='{"text": "aeiou", "label": 1}\n',
     ),
-    Mistake(
+    bad_data(
         "missing column",
-        [TOY, *CSV_FILES],
         "train.csv has no column 'text'; its columns are ['sentence', 'label'] (set task.text_column)",
-        prepare=write({"train.csv": "sentence,label\naeiou,1\nbcdfg,0\n", "validation.csv": GOOD_CSV}),
-        task=TEXT,
+        train="sentence,label\naeiou,1\nbcdfg,0\n",
+    ),
+    bad_data(
+        "fractional labels",
+        "train.csv: column 'label' (task.label_column) holds numbers with fractions, e.g. [0.5",
+        train="text,label\naeiou,0.5\nbcdfg,1.5\n",
+    ),
+    bad_data(
+        "validation label never trained on",
+        "validation.csv: the validation split has labels in column "
+        "'label' (task.label_column) that the training split (data.files.train=",
+        validation="text,label\naeiou,1\nxyz,2\n",
+    ),
+    bad_data(
+        "single training class",
+        "train.csv: the training split has a single class in column 'label' (task.label_column): ['1']",
+        train="text,label\naeiou,1\naaa,1\n",
+        validation="text,label\nae,1\n",
     ),
     Mistake(
         "mixed file formats",
@@ -158,31 +162,7 @@ MISTAKES += [
         prepare=write({"train.csv": GOOD_CSV, "validation.jsonl": '{"text": "aeiou", "label": 1}\n'}),
         task=TEXT,
     ),
-    Mistake(
-        "missing data file", [TOY, "data.files.train={tmp}/nothing.csv"], "data.files.train: no such file", task=TEXT
-    ),
-    Mistake(
-        "fractional labels",
-        [TOY, *CSV_FILES],
-        "train.csv: column 'label' (task.label_column) holds numbers with fractions, e.g. [0.5",
-        prepare=write({"train.csv": "text,label\naeiou,0.5\nbcdfg,1.5\n", "validation.csv": GOOD_CSV}),
-        task=TEXT,
-    ),
-    Mistake(
-        "validation label never trained on",
-        [TOY, *CSV_FILES],
-        "validation.csv: the validation split has labels in column 'label' (task.label_column) that the training "
-        "split (data.files.train=",
-        prepare=write({"train.csv": GOOD_CSV, "validation.csv": "text,label\naeiou,1\nxyz,2\n"}),
-        task=TEXT,
-    ),
-    Mistake(
-        "single training class",
-        [TOY, *CSV_FILES],
-        "train.csv: the training split has a single class in column 'label' (task.label_column): ['1']",
-        prepare=write({"train.csv": "text,label\naeiou,1\naaa,1\n", "validation.csv": "text,label\nae,1\n"}),
-        task=TEXT,
-    ),
+    Mistake("missing data file", [TOY, "data.files.train={tmp}/none.csv"], "data.files.train: no such file", task=TEXT),
     # Models: a path that is not there, a folder with a file missing or cut short.
     Mistake("relative model path", [TOY, "model.name_or_path=outputs/nothing/model"], ": no such folder"),
     Mistake("dotted model path", [TOY, "model.name_or_path=./nothing"], "model.name_or_path=./nothing: no such folder"),
@@ -202,6 +182,13 @@ MISTAKES += [
         [TOY, "model.name_or_path={tmp}/model"],
         "/model has no config.json, so it is not a save_pretrained folder",
         prepare=copy_toy_model(keep=("model.safetensors", "tokenizer_config.json", "special_tokens_map.json")),
+        task=TEXT,
+    ),
+    Mistake(
+        "model folder without weights",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "/model: Error no file named model.safetensors",
+        prepare=copy_toy_model(keep=("config.json", "tokenizer_config.json")),
         task=TEXT,
     ),
     Mistake(

@@ -4,10 +4,10 @@ split; the dataloaders. What the examples hold (columns, tokens, pixels) is the 
 import json
 from pathlib import Path
 
-import datasets
 import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
+from datasets.utils import logging as datasets_logging
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -22,14 +22,14 @@ class DataError(UserError, ValueError):
 
 def load_file(split: str, path: Path, file_format: str) -> Dataset:
     """One split's file, or a DataError naming the file and, where it can, the line that is wrong."""
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of the parser error would come first
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its log of the parser error would come first
     try:
         return load_dataset(file_format, data_files=str(path), split="train")
     except Exception as error:  # datasets wraps the parser's error (pandas, pyarrow) in its own
         raise DataError(f"data.files.{split}={path}: {_file_problem(path, file_format, error)}") from error
     finally:
-        datasets.logging.set_verbosity(verbosity)
+        datasets_logging.set_verbosity(verbosity)
 
 
 def _file_problem(path: Path, file_format: str, error: Exception) -> str:
@@ -39,7 +39,8 @@ def _file_problem(path: Path, file_format: str, error: Exception) -> str:
         with path.open() as lines:
             for number, line in enumerate(lines, 1):
                 try:
-                    line.strip() and json.loads(line)
+                    if line.strip():
+                        json.loads(line)
                 except json.JSONDecodeError as bad:
                     return f"line {number} is not valid JSON ({bad.msg}); a .jsonl file holds one JSON object a line"
     cause = error.__cause__ or error
