@@ -273,20 +273,33 @@ def run_in_process(script: str, args: list, capsys) -> tuple:
     return code, captured.out + captured.err
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """In the child before it starts: a shell that runs a command in the background makes it ignore SIGINT, and
+    children inherit that; undo it, so the script gets Ctrl-C as from a terminal however pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_process(mistake: Mistake, args: list) -> tuple:
     """Run the row's command in a process of its own (under its launcher; interrupted if the row says so)."""
     command = [*(mistake.launcher or [sys.executable]), mistake.script, *args]
     if mistake.interrupt_after is None:
         done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=dict(os.environ))
         return done.returncode, done.stdout + done.stderr
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=ctrl_c_as_in_a_terminal,
+    )
     lines = []
     for line in process.stdout:  # tqdm's bar ends in "\r", so the lines are the log's
         lines.append(line)
         if mistake.interrupt_after in line:
             process.send_signal(signal.SIGINT)
             break
-    lines.append(process.communicate()[0])
+    lines.append(process.communicate(timeout=300)[0])
     return process.returncode, "".join(lines)
 
 

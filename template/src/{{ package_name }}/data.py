@@ -33,6 +33,8 @@ def load_file(split: str, path: Path, file_format: str) -> Dataset:
 
 
 def _file_problem(path: Path, file_format: str, error: Exception) -> str:
+    if not path.is_file():  # gone since load_raw looked
+        return "no such file"
     if "corresponds to no data" in str(error) or path.stat().st_size == 0:
         return "the file has no rows (is it empty, or only a header?)"
     if file_format == "json":
