@@ -104,6 +104,12 @@ MISTAKES += [
     Mistake(
         "unknown evaluate key", ["+splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
     ),
+    Mistake(
+        "unknown task option",
+        [TOY, "+task.max_lenght=3"],
+        "task.max_lenght is not an option of TextClassification: did you mean task.max_length?",
+        task=TEXT,
+    ),
     # Data files (the text task's columns): each message names the file, and the row and column where there is one.
     bad_data(
         "empty text cell",

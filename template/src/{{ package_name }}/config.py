@@ -258,7 +258,9 @@ def build_task(node: DictConfig) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(task_class), options))
     except ConfigKeyError as error:
         keys = [f.name for f in fields(task_class)]
-        raise ConfigError(f"task.{error.key} is not an option of {task_class.__name__}; it has {keys}") from None
+        close = difflib.get_close_matches(str(error.key), keys, n=1)
+        hint = f"did you mean task.{close[0]}?" if close else f"it has {keys}"
+        raise ConfigError(f"task.{error.key} is not an option of {task_class.__name__}: {hint}") from None
     except ValidationError as error:
         raise ConfigError(f"task.{error.key}: {str(error).splitlines()[0]}") from None
 
