@@ -97,6 +97,11 @@ class DataConfig:
     eval_split: str = "validation"
     # Used when the dataset has no `eval_split`: this fraction of train is held out.
     eval_fraction: float = bounded(0.1, gt=0)
+    # Train on part of the training split: a fraction (at most 1) or a count of examples (more than 1), drawn from
+    # trainer.seed, stratified by class for classifiers; null: all of it. Validation stays whole (a proxy run's
+    # metrics stay comparable with a full run's). Applied after the task prepared the data: labels and vocabulary
+    # come from the whole split.
+    train_subset: float | None = None
     batch_size: int = bounded(32, ge=1)
     eval_batch_size: int = bounded(64, ge=1)
     num_workers: int = bounded(0, ge=0)
@@ -332,6 +337,11 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             f"resume={cfg.resume}: no such folder; give a checkpoint folder (<run folder>/checkpoints/step_XXXXXXXX) "
             "or resume=latest with hydra.run.dir=<run folder>"
+        )
+    subset = data.train_subset
+    if subset is not None and not (subset > 0 and (subset <= 1 or subset == int(subset))):
+        problems.append(
+            f"data.train_subset={subset} is neither a fraction in (0, 1] nor a whole count of examples; null: all"
         )
     fp16 = cfg.trainer.mixed_precision == MixedPrecision.fp16
     if fp16 and (cfg.trainer.cpu or not torch.cuda.is_available()):

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pyarrow.compute as pc
+import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 from datasets.utils import logging as datasets_logging
@@ -116,6 +117,41 @@ def require_columns(dataset: Dataset, columns: dict) -> None:
                 f"{source(dataset)}: row {row}{others} has an empty cell in column {column!r} ({key}); "
                 "fill it or drop the row"
             )
+
+
+def training_subset(split, size: float | None, seed: int, stratify_by: str | None = None):
+    """`data.train_subset` of the training split: a fraction (at most 1) or a count of examples (more than 1), the same
+    ones for the same seed. With `stratify_by` (a column of class ids) every class keeps its share, and at least one
+    example while the count allows. None: the whole split."""
+    if size is None:
+        return split
+    total = len(split)
+    count = round(size * total) if size <= 1 else int(size)
+    if count == total:
+        return split
+    if not 1 <= count <= total:
+        raise DataError(
+            f"data.train_subset={size} asks for {count} of the {total} training examples; "
+            "give a fraction in (0, 1] or a count from 1 to the size of the training split"
+        )
+    rng = np.random.default_rng(seed)
+    if stratify_by is None:
+        return split.select(np.sort(rng.choice(total, count, replace=False)))
+    _, classes = np.unique(np.asarray(split.with_format("numpy")[stratify_by]), return_inverse=True)
+    members = [np.flatnonzero(classes == label) for label in range(classes.max() + 1)]
+    quotas = _shares(count, np.array([len(indices) for indices in members]))
+    keep = np.concatenate([rng.choice(indices, quota, replace=False) for indices, quota in zip(members, quotas)])
+    return split.select(np.sort(keep))
+
+
+def _shares(count: int, sizes: np.ndarray) -> np.ndarray:
+    """`count` split over groups of `sizes` in proportion (largest remainders), at least one each while count allows."""
+    floor = np.ones_like(sizes) if count >= len(sizes) else np.zeros_like(sizes)
+    exact = (count - floor.sum()) * (sizes - floor) / (sizes - floor).sum()
+    shares = floor + np.floor(exact).astype(int)
+    remainders = np.argsort(-(exact - np.floor(exact)), kind="stable")
+    shares[remainders[: count - shares.sum()]] += 1
+    return shares
 
 
 def make_dataloaders(datasets: DatasetDict, cfg: DictConfig, collate, seed: int):

@@ -28,7 +28,7 @@ from .config import (
     to_container,
     validate,
 )
-from .data import make_dataloaders, make_eval_dataloader
+from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_summary
 from .optim import build_optimizer, build_scheduler
@@ -204,6 +204,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     task = build_task(cfg.task)
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         datasets = task.load(cfg.data, cfg.model, seed)
+    datasets["train"] = training_subset(datasets["train"], cfg.data.train_subset, seed, task.stratify_by)
     train_dl, eval_dl = make_dataloaders(datasets, cfg.data, task.collate, seed)
     set_seed(seed, deterministic=trainer.deterministic)
     model = task.build_model(cfg.model)
@@ -310,8 +311,9 @@ def fit(run: Run) -> list:
     return step_losses
 
 
-def finish(run: Run, train_seconds: float) -> dict:
-    """Evaluate the final model, export it, end the trackers and write metrics.json."""
+def finish(run: Run, train_seconds: float, started: float) -> dict:
+    """Evaluate the final model, export it, end the trackers and write metrics.json (`started`: the perf_counter
+    when the run began)."""
     accelerator, state = run.accelerator, run.state
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
@@ -330,6 +332,9 @@ def finish(run: Run, train_seconds: float) -> dict:
         "stopped_early": state["stopped_early"],
         "skipped_steps": state["skipped_steps"],
         "train_seconds": train_seconds,
+        # The whole run in this process: data, model, checks, training, final evaluation and export (what a run
+        # costs; rank_check.py compares budgets by it).
+        "run_seconds": time.perf_counter() - started,
         "num_processes": accelerator.num_processes,
         "ranks": run.ranks,
     }
@@ -356,6 +361,7 @@ def interrupted(run: Run) -> Interrupted:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`."""
+    started = time.perf_counter()
     run = setup(cfg, Path(run_dir))
     try:
         if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
@@ -375,7 +381,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             )
         start = time.perf_counter()
         losses = fit(run)
-        return {**finish(run, time.perf_counter() - start), "losses": losses}
+        return {**finish(run, time.perf_counter() - start, started), "losses": losses}
     except KeyboardInterrupt:
         raise interrupted(run) from None
 

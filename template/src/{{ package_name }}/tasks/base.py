@@ -32,6 +32,9 @@ class Task:
     main_metric: ClassVar[str] = "loss"
     # Built-in datasets, selected with data.name=<key>: name -> function(seed) returning a DatasetDict.
     builtin_datasets: ClassVar[dict] = {}
+    # The column of class ids in what `load` returns, for classifiers: a data.train_subset keeps every class's share
+    # of the training split. None: the subset is drawn without regard to labels.
+    stratify_by: ClassVar[str | None] = None
 
     # Data ------------------------------------------------------------------------------------------------
 
