@@ -12,6 +12,7 @@ from datetime import datetime
 
 import torch
 from accelerate import PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, get_int_from_env, parse_flag_from_env
 from omegaconf import OmegaConf
 
@@ -88,6 +89,13 @@ def log_suffix() -> str:
     """'' for the main process, '_rank<N>' for the others: each process logs to its own file of the run folder."""
     rank = process_rank()
     return f"_rank{rank}" if rank else ""
+
+
+def reset_accelerate_state() -> None:
+    """Forget the previous run's Accelerate settings (Accelerate keeps them in process-wide singletons), so the next
+    run in this process gets an Accelerator of its own config: for tools that train several runs in one process."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def gathered_ranks(accelerator) -> list:

@@ -1,0 +1,103 @@
+"""rank_check.py on tiny runs: its rank statistics against scipy's, its table and scatter plot from real run folders,
+finished runs reused, and bad plans refused before anything trains."""
+
+import csv
+import importlib
+import json
+import random
+
+import matplotlib.image
+import pytest
+from conftest import PACKAGE, run_in_process
+from scipy.stats import kendalltau, spearmanr
+
+HYPOTHESES = ["optimizer.lr=1e-4", "optimizer.lr=1e-3", "optimizer.lr=1e-2"]
+BUDGETS = ["--proxy", "trainer.max_steps=4", "--full", "trainer.max_steps=8"]
+QUIET = ["checks.enabled=false", "checkpoint.monitor=loss"]  # loss: distinct values, where accuracies of toys tie
+
+
+def samples_with_ties():
+    generator = random.Random(0)
+    for size in range(2, 9):
+        for _ in range(5):
+            yield [generator.choice([1, 2, 3, 4.5]) for _ in range(size)], [generator.random() for _ in range(size)]
+    yield [1, 1, 2, 2, 3], [3, 3, 2, 1, 1]  # ties in both
+    yield [2, 2, 2], [1, 2, 3]  # a constant input: no correlation (nan), for scipy too
+    yield [0.1, 0.5, 0.2, 0.9, 0.3, 0.7], [0.2, 0.6, 0.1, 0.8, 0.4, 0.9]
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")
+def test_tau_and_rho_match_scipy():
+    rank_check = importlib.import_module(f"{PACKAGE}.rank_check")
+    for x, y in samples_with_ties():
+        assert rank_check.kendall_tau(x, y) == pytest.approx(kendalltau(x, y).statistic, abs=1e-12, nan_ok=True)
+        assert rank_check.spearman_rho(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12, nan_ok=True)
+
+
+def rank_check(args: list, capsys) -> tuple:
+    return run_in_process("rank_check.py", args, capsys)
+
+
+def test_rank_check_ranks_real_runs_and_reuses_them(toy_overrides, pkg, tmp_path, capsys):
+    out = tmp_path / "check"
+    hypotheses = [arg for hypothesis in HYPOTHESES for arg in ("--hypothesis", hypothesis)]
+    args = [*toy_overrides, *QUIET, *hypotheses, *BUDGETS, "--out", str(out)]
+    code, output = rank_check(args, capsys)
+    assert code == 0, output
+    assert output.count("rank_check: training") == 6
+
+    # The metric and wall time of each run, read from its own folder.
+    runs = {(budget, i): pkg.runs.load_run(out / budget / str(i)) for budget in ("proxy", "full") for i in range(3)}
+    assert {runs[key].summary["step"] for key in runs if key[0] == "proxy"} == {4}
+    assert {runs[key].summary["step"] for key in runs if key[0] == "full"} == {8}
+    proxy = [runs["proxy", i].summary["metrics"]["loss"] for i in range(3)]
+    full = [runs["full", i].summary["metrics"]["loss"] for i in range(3)]
+    summary = json.loads((out / "rank_check.json").read_text())
+    assert summary["monitor"] == "loss" and summary["mode"] == "min"
+    assert summary["kendall_tau"] == pytest.approx(kendalltau(proxy, full).statistic, abs=1e-12)
+    assert summary["spearman_rho"] == pytest.approx(spearmanr(proxy, full).statistic, abs=1e-12)
+    assert summary["same_best"] == (proxy.index(min(proxy)) == full.index(min(full)))
+    seconds = {budget: sum(runs[budget, i].summary["run_seconds"] for i in range(3)) for budget in ("proxy", "full")}
+    assert summary["proxy_seconds"] == pytest.approx(seconds["proxy"])
+    assert summary["compute_ratio"] == pytest.approx(seconds["full"] / seconds["proxy"])
+    # A run's wall time holds its training time and more (data, model, export).
+    assert all(run.summary["run_seconds"] > run.summary["train_seconds"] for run in runs.values())
+
+    with (out / "rank_check.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["hypothesis"] for row in rows] == HYPOTHESES
+    assert [float(row["proxy"]) for row in rows] == pytest.approx(proxy)
+    assert [float(row["full_rank"]) for row in rows] == [sorted(full).index(value) + 1 for value in full]
+    assert matplotlib.image.imread(out / "rank_check.png").shape[2] in (3, 4)
+    assert f"Kendall's tau {summary['kendall_tau']:.4g}" in output
+
+    # Again: every run is read back, none trains, and the result is the same.
+    before = {key: (run.folder / "metrics.jsonl").read_text() for key, run in runs.items()}
+    code, output = rank_check(args, capsys)
+    assert code == 0, output
+    assert "rank_check: training" not in output
+    assert {key: (run.folder / "metrics.jsonl").read_text() for key, run in runs.items()} == before
+    assert json.loads((out / "rank_check.json").read_text()) == summary
+
+    # A changed plan in the same folder is refused, not mixed with the old runs.
+    changed = [*toy_overrides, *QUIET, "--hypothesis", "optimizer.lr=5e-3", *hypotheses[2:], *BUDGETS]
+    code, output = rank_check([*changed, "--out", str(out)], capsys)
+    assert code == 2
+    assert "holds a run of other overrides" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--hypothesis", "optimizer.lr=1e-3"], "at least 2 hypotheses"),
+        (["--hypothesis", "optimizer.lr=1e-3", "--hypothesis", "optimizer.lr=-1"], "optimizer.lr=-1.0 is out of range"),
+        (["--hypothesis", "optimizer.lr=1e-3", "--hypothesis", "optimizer.lrr=1"], "hypothesis 1 at the proxy budget"),
+        (["--plan", "no_such_plan.yaml"], "no such file"),
+    ],
+)
+def test_bad_plans_are_refused_before_anything_trains(toy_overrides, tmp_path, capsys, args, message):
+    out = tmp_path / "check"
+    code, output = rank_check([*toy_overrides, *args, "--out", str(out)], capsys)
+    assert code == 2
+    assert message in output and "Traceback" not in output
+    assert not out.exists()
