@@ -11,6 +11,7 @@ once per run (a subprocess per run would cost a proxy run's time again in import
 
 import argparse
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ from .report import shown, table
 from .runs import is_run, load_run
 
 BUDGETS = ("proxy", "full")
+
+
+class RunFailed(RuntimeError):
+    """A run of the check stopped with an error (a failed preflight check, a diverged loss, bad data)."""
 
 
 def average_ranks(values: list) -> list:
@@ -149,7 +154,16 @@ def rank_check(plan: Plan, config_dir: Path, out: Path) -> dict:
         record = finished_run(folder, overrides)
         if record is None:
             print(f"rank_check: training {budget} run {index}: {' '.join(plan.hypotheses[index]) or '(defaults)'}")
-            train_in(folder, overrides, cfg)
+            try:
+                train_in(folder, overrides, cfg)
+            except Exception as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                raise RunFailed(
+                    f"the {budget} run {index} ({' '.join(overrides)}) failed in {folder}: {error}\n"
+                    "The finished runs are kept: run rank_check.py again after a fix, and only the rest trains "
+                    "(HYDRA_FULL_ERROR=1 shows the traceback)"
+                ) from None
             record = load_run(folder)
         records[budget, index] = record
     return compare(plan, records, out)
@@ -282,7 +296,7 @@ def main(project: Path, argv: list | None = None) -> int:
             args.overrides,
         )
         rank_check(plan, project / "configs", args.out)
-    except ConfigError as error:
+    except (ConfigError, RunFailed) as error:
         print(f"rank_check.py: {error}", file=sys.stderr)
         return 2
     return 0
