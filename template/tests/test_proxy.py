@@ -4,6 +4,7 @@ and the experiment=proxy preset composes, validates and trains on the subset."""
 from collections import Counter
 
 import pytest
+from conftest import TASKS
 from datasets import Dataset
 
 # 6 classes of 100, 50, 30, 12, 6 and 2 examples
@@ -56,3 +57,8 @@ def test_proxy_preset_trains_on_the_subset(pkg, make_config, toy_overrides, tmp_
     everything = pkg.loop.setup(full, tmp_path / "full")
     assert len(run.train_dl.dataset) == round(len(everything.train_dl.dataset) * 0.5)
     assert len(run.eval_dl.dataset) == len(everything.eval_dl.dataset)  # validation stays whole
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_proxy_preset_composes_for_every_task(pkg, make_config, task):
+    pkg.config.validate(make_config(f"task={task}", "experiment=proxy"))

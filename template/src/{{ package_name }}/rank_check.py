@@ -10,6 +10,7 @@ once per run (a subprocess per run would cost a proxy run's time again in import
 """
 
 import argparse
+import csv
 import math
 import os
 import shlex
@@ -25,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import launch, run_folder
 from .config import ConfigError, register_configs, validate
+from .records import to_json
 from .report import shown, table
 from .runs import is_run, load_run
 
@@ -170,6 +172,8 @@ def rank_check(plan: Plan, config_dir: Path, out: Path) -> dict:
 
 
 def compare(plan: Plan, records: dict, out: Path) -> dict:
+    """The two rankings and their agreement, from the runs' summaries (the metric each run's checkpoint.monitor
+    names, of its final model; the wall time each run measured); written into `out`."""
     first = records["full", 0].summary
     monitor, mode = first["monitor"], first["mode"]
     sign = 1 if mode == "min" else -1  # ranks below count from the best
@@ -216,10 +220,6 @@ HEADERS = {
 
 
 def write_outputs(summary: dict, out: Path) -> None:
-    import csv
-
-    from .records import to_json
-
     headers = {key: title.format(monitor=summary["monitor"]) for key, title in HEADERS.items()}
     better = "lower" if summary["mode"] == "min" else "higher"
     print(f"{len(summary['rows'])} hypotheses by {summary['monitor']} ({better} is better; rank 1 is the best):")
