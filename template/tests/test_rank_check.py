@@ -82,7 +82,7 @@ def test_rank_check_ranks_real_runs_and_reuses_them(toy_overrides, pkg, tmp_path
     # A changed plan in the same folder is refused, not mixed with the old runs.
     changed = [*toy_overrides, *QUIET, "--hypothesis", "optimizer.lr=5e-3", *hypotheses[2:], *BUDGETS]
     code, output = rank_check([*changed, "--out", str(out)], capsys)
-    assert code == 2
+    assert code == 1
     assert "holds a run of other overrides" in output and "Traceback" not in output
 
 
@@ -98,7 +98,7 @@ def test_rank_check_ranks_real_runs_and_reuses_them(toy_overrides, pkg, tmp_path
 def test_bad_plans_are_refused_before_anything_trains(toy_overrides, tmp_path, capsys, args, message):
     out = tmp_path / "check"
     code, output = rank_check([*toy_overrides, *args, "--out", str(out)], capsys)
-    assert code == 2
+    assert code == 1
     assert message in output and "Traceback" not in output
     assert not out.exists()
 
@@ -108,10 +108,10 @@ def test_a_failing_run_stops_the_check_with_one_message_and_keeps_the_finished_r
     failing = "checks.enabled=true checks.overfit_batch=true checks.overfit_factor=1000"  # no model gets there
     args = [*toy_overrides, *QUIET, "--hypothesis", HYPOTHESES[1], "--hypothesis", failing, *BUDGETS]
     code, output = rank_check([*args, "--out", str(out)], capsys)
-    assert code == 2
+    assert code == 1
     assert "the proxy run 1" in output and "overfit_batch" in output and "Traceback" not in output
     finished = (out / "proxy" / "0" / "metrics.jsonl").read_text()
 
     code, output = rank_check([*args, "--out", str(out)], capsys)
-    assert code == 2 and output.count("rank_check: training") == 1  # only the failing run, again
+    assert code == 1 and output.count("rank_check: training") == 1  # only the failing run, again
     assert (out / "proxy" / "0" / "metrics.jsonl").read_text() == finished

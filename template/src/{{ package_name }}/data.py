@@ -4,8 +4,8 @@ split; the dataloaders. What the examples hold (columns, tokens, pixels) is the 
 import json
 from pathlib import Path
 
-import pyarrow.compute as pc
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 from datasets.utils import logging as datasets_logging

@@ -12,9 +12,7 @@ once per run (a subprocess per run would cost a proxy run's time again in import
 import argparse
 import csv
 import math
-import os
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import launch, run_folder
 from .config import ConfigError, register_configs, validate
+from .errors import UserError, reported
 from .records import to_json
 from .report import shown, table
 from .runs import is_run, load_run
@@ -33,7 +32,7 @@ from .runs import is_run, load_run
 BUDGETS = ("proxy", "full")
 
 
-class RunFailed(RuntimeError):
+class RunFailed(UserError):
     """A run of the check stopped with an error (a failed preflight check, a diverged loss, bad data)."""
 
 
@@ -158,14 +157,11 @@ def rank_check(plan: Plan, config_dir: Path, out: Path) -> dict:
             print(f"rank_check: training {budget} run {index}: {' '.join(plan.hypotheses[index]) or '(defaults)'}")
             try:
                 train_in(folder, overrides, cfg)
-            except Exception as error:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
+            except UserError as error:  # a failed check, a diverged loss, bad data, Ctrl-C
                 raise RunFailed(
                     f"the {budget} run {index} ({' '.join(overrides)}) failed in {folder}: {error}\n"
-                    "The finished runs are kept: run rank_check.py again after a fix, and only the rest trains "
-                    "(HYDRA_FULL_ERROR=1 shows the traceback)"
-                ) from None
+                    "The finished runs are kept: run rank_check.py again after a fix, and only the rest trains"
+                ) from error
             record = load_run(folder)
         records[budget, index] = record
     return compare(plan, records, out)
@@ -288,7 +284,7 @@ def main(project: Path, argv: list | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("rank_check"), help="where the runs and results go")
     args = parser.parse_args(argv)
     split = lambda text: shlex.split(text) if text is not None else None  # noqa: E731
-    try:
+    with reported():  # a bad plan or a failed run: one short message, no traceback
         plan = read_plan(
             args.plan,
             [split(text) for text in args.hypothesis or []],
@@ -296,7 +292,4 @@ def main(project: Path, argv: list | None = None) -> int:
             args.overrides,
         )
         rank_check(plan, project / "configs", args.out)
-    except (ConfigError, RunFailed) as error:
-        print(f"rank_check.py: {error}", file=sys.stderr)
-        return 2
     return 0
