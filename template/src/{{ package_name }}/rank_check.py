@@ -175,7 +175,7 @@ def compare(plan: Plan, records: dict, out: Path) -> dict:
     sign = 1 if mode == "min" else -1  # ranks below count from the best
     rows = []
     for index, hypothesis in enumerate(plan.hypotheses):
-        row = {"hypothesis": " ".join(hypothesis) or "(defaults)"}
+        row = {"index": index, "hypothesis": " ".join(hypothesis) or "(defaults)"}
         for budget in BUDGETS:
             summary = records[budget, index].summary
             row[budget] = summary["metrics"][monitor]
@@ -205,6 +205,7 @@ def compare(plan: Plan, records: dict, out: Path) -> dict:
 
 
 HEADERS = {
+    "index": "#",  # the run folders' names, and the labels of the scatter plot's points
     "hypothesis": "hypothesis",
     "proxy": "proxy {monitor}",
     "proxy_rank": "proxy rank",
