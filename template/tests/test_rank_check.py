@@ -115,3 +115,10 @@ def test_a_failing_run_stops_the_check_with_one_message_and_keeps_the_finished_r
     code, output = rank_check([*args, "--out", str(out)], capsys)
     assert code == 1 and output.count("rank_check: training") == 1  # only the failing run, again
     assert (out / "proxy" / "0" / "metrics.jsonl").read_text() == finished
+
+
+def test_a_multi_process_launch_is_refused(toy_overrides, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, output = rank_check([*toy_overrides, "--out", str(tmp_path / "check")], capsys)
+    assert code == 1 and "start it with `python`" in output and "Traceback" not in output
+    assert not (tmp_path / "check").exists()

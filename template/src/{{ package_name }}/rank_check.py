@@ -286,6 +286,11 @@ def main(project: Path, argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     split = lambda text: shlex.split(text) if text is not None else None  # noqa: E731
     with reported():  # a bad plan or a failed run: one short message, no traceback
+        if launch.world_size() > 1:  # each run ends its process group: the next could not train on it
+            raise UserError(
+                "rank_check.py trains its runs one after another in one process: start it with `python`, not with "
+                "accelerate launch or torchrun"
+            )
         plan = read_plan(
             args.plan,
             [split(text) for text in args.hypothesis or []],
