@@ -8,7 +8,7 @@ import random
 
 import matplotlib.image
 import pytest
-from conftest import PACKAGE, run_in_process
+from conftest import CONFIG_DIR, PACKAGE, run_in_process
 from scipy.stats import kendalltau, spearmanr
 
 HYPOTHESES = ["optimizer.lr=1e-4", "optimizer.lr=1e-3", "optimizer.lr=1e-2"]
@@ -122,3 +122,11 @@ def test_a_multi_process_launch_is_refused(toy_overrides, tmp_path, capsys, monk
     code, output = rank_check([*toy_overrides, "--out", str(tmp_path / "check")], capsys)
     assert code == 1 and "start it with `python`" in output and "Traceback" not in output
     assert not (tmp_path / "check").exists()
+
+
+def test_the_default_plan_composes_and_validates():
+    rank_check = importlib.import_module(f"{PACKAGE}.rank_check")
+    plan = rank_check.read_plan(CONFIG_DIR / "rank_check" / "default.yaml", [], {"proxy": None, "full": None}, [])
+    composed = rank_check.compose_all(plan, CONFIG_DIR)
+    assert len(plan.hypotheses) == 6 and len(composed) == 12
+    assert {cfg.trainer.max_steps for (budget, _), (_, cfg) in composed.items() if budget == "proxy"} == {300}

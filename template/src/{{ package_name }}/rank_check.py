@@ -77,8 +77,9 @@ class Plan:
     common: list  # overrides of every run
 
 
-def read_plan(path: Path, hypotheses: list | None, budgets: dict, common: list) -> Plan:
-    """The plan file (configs/rank_check/*.yaml), with what the command line gives in place of its entries."""
+def read_plan(path: Path, hypotheses: list, budgets: dict, common: list) -> Plan:
+    """The plan file (configs/rank_check/*.yaml), with what the command line gives in place of its entries (budgets:
+    name -> overrides, None to keep the plan's)."""
     if not Path(path).is_file():
         raise ConfigError(f"--plan {path}: no such file (the plans are in configs/rank_check/)")
     plan = yaml.safe_load(Path(path).read_text()) or {}
@@ -86,10 +87,15 @@ def read_plan(path: Path, hypotheses: list | None, budgets: dict, common: list) 
     if len(chosen) < 2:
         raise ConfigError(f"rank_check needs at least 2 hypotheses to rank; {path} and --hypothesis give {len(chosen)}")
     return Plan(
-        hypotheses=[list(overrides) for overrides in chosen],
-        budgets={name: plan.get(name) or [] if budgets.get(name) is None else budgets[name] for name in BUDGETS},
-        common=list(plan.get("common") or []) + common,
+        hypotheses=[overrides_of(entry) for entry in chosen],
+        budgets={name: overrides_of(plan.get(name) if budgets[name] is None else budgets[name]) for name in BUDGETS},
+        common=overrides_of(plan.get("common")) + common,
     )
+
+
+def overrides_of(entry) -> list:
+    """A plan entry as a list of overrides: a YAML list, or one string of them ("a=1 b=2"); nothing: []."""
+    return shlex.split(entry) if isinstance(entry, str) else list(entry or [])
 
 
 def run_overrides(plan: Plan, budget: str, hypothesis: list) -> list:
@@ -284,7 +290,6 @@ def main(project: Path, argv: list | None = None) -> int:
         parser.add_argument(f"--{budget}", metavar="OVERRIDES", help=f"the overrides of the {budget} budget")
     parser.add_argument("--out", type=Path, default=Path("rank_check"), help="where the runs and results go")
     args = parser.parse_args(argv)
-    split = lambda text: shlex.split(text) if text is not None else None  # noqa: E731
     with reported():  # a bad plan or a failed run: one short message, no traceback
         if launch.world_size() > 1:  # each run ends its process group: the next could not train on it
             raise UserError(
@@ -293,8 +298,8 @@ def main(project: Path, argv: list | None = None) -> int:
             )
         plan = read_plan(
             args.plan,
-            [split(text) for text in args.hypothesis or []],
-            {budget: split(getattr(args, budget)) for budget in BUDGETS},
+            args.hypothesis or [],
+            {budget: getattr(args, budget) for budget in BUDGETS},
             args.overrides,
         )
         rank_check(plan, project / "configs", args.out)
