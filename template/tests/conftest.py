@@ -18,7 +18,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +60,8 @@ def run_in_process(script: str, args: list, capsys=None) -> tuple:
     return code, captured.out + captured.err
 
 
-def reset_accelerate_state() -> None:
-    """Accelerate keeps process-wide singletons: reset them before an Accelerator with other settings."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# Accelerate keeps process-wide singletons: reset them before an Accelerator with other settings.
+reset_accelerate_state = importlib.import_module(f"{PACKAGE}.launch").reset_accelerate_state
 
 
 @pytest.fixture(autouse=True)
