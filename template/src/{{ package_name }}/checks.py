@@ -21,7 +21,7 @@ from itertools import islice
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, gather_object, load
+from accelerate.utils import DistributedType, gather_object, load, set_seed
 from safetensors.torch import load_file
 from torch.utils._pytree import tree_leaves_with_path, tree_map
 
@@ -69,21 +69,6 @@ def _listed(items: list, limit: int = 6) -> str:
 # Snapshots of the training state -------------------------------------------------------------------------
 
 
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
 def snapshot(run) -> dict:
     """A CPU copy (aliasing no live tensor) of everything `accelerator.save_state` writes for the loop's `run`."""
     accelerator = run.accelerator
@@ -92,7 +77,12 @@ def snapshot(run) -> dict:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": None if accelerator.scaler is None else accelerator.scaler.state_dict(),
-        "rng": rng_states(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        },
         "step": accelerator.step,  # Accelerate's micro-batch counter, which decides accumulation cycles
     }
     return tree_map(lambda value: value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value, state)
@@ -106,7 +96,10 @@ def restore(run, saved: dict) -> None:
     run.scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
-    set_rng_states(saved["rng"])
+    random.setstate(saved["rng"]["python"])
+    np.random.set_state(saved["rng"]["numpy"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     accelerator.step = saved["step"]
 
 
@@ -281,24 +274,25 @@ def check_gradient_flow(run, batches: list) -> str:
         nonfinite = [name for name, p in trainable.items() if p.grad is not None and not p.grad.isfinite().all()]
         silent = {name: p for name, p in trainable.items() if p.grad is None or not p.grad.any()}
         loss = eval_loss(task, model, batches) if silent else 0.0
-        cut = [name for name, p in silent.items() if moves_loss(task, model, p, batches, loss)]
-    unused = [name for name in silent if name not in cut]
-    ddp_needs = run.accelerator.num_processes > 1 and not run.cfg.trainer.find_unused_parameters
+        unused = [name for name, p in silent.items() if not moves_loss(task, model, p, batches, loss)]
+        outside_graph = [name for name in unused if trainable[name].grad is None]  # what DDP waits for in vain
+    cut = [name for name in silent if name not in unused]
+    ddp_fails = outside_graph and run.accelerator.num_processes > 1 and not run.cfg.trainer.find_unused_parameters
     saw = [f"{len(nonfinite)} with a non-finite gradient: {_listed(nonfinite)}"] if nonfinite else []
     saw += [f"{len(cut)} that change the loss but get no gradient (cut off): {_listed(cut)}"] if cut else []
-    if unused and ddp_needs:
-        saw.append(f"{len(unused)} unused by the forward, which DDP refuses: {_listed(unused)}")
+    saw += [f"{len(outside_graph)} unused, which DDP refuses: {_listed(outside_graph)}"] if ddp_fails else []
     expected = (
         f"a finite gradient, not zero throughout, in each of the {len(trainable)} trainable parameter tensors "
-        "that the loss depends on" + (", and trainer.find_unused_parameters=true if some are unused" * ddp_needs)
+        "that the loss depends on" + (", and trainer.find_unused_parameters=true for unused ones" if ddp_fails else "")
     )
     verdict(run.accelerator, "gradient_flow", expected, "; ".join(saw) or None)
     if unused:
+        ddp = "; a multi-process (DDP) run needs trainer.find_unused_parameters=true" if outside_graph else ""
         warn(
             "gradient_flow",
             f"{len(unused)} trainable parameter tensors get no gradient and changing them does not change the loss: "
             f"the forward does not use them ({_listed(unused)}). Fine if meant (a pooler this head skips, say); "
-            "freeze them to save optimizer memory. A multi-process (DDP) run needs trainer.find_unused_parameters=true",
+            f"freeze them to save optimizer memory{ddp}",
         )
     return f"{len(trainable)} parameter tensors" + (f", {len(unused)} unused" if unused else "")
 
@@ -340,24 +334,17 @@ def check_overfit_batch(run, batch: dict) -> str:
 
 def perturb(run) -> None:
     """Change everything a checkpoint holds, so that a load which silently restores nothing is caught."""
-    accelerator = run.accelerator
+    accelerator, optimizer_state = run.accelerator, run.optimizer.state.values()
     with torch.no_grad():
-        for parameter in run.model.parameters():
-            parameter.add_(1)
-        for state in run.optimizer.state.values():
-            for value in state.values():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    value.add_(1)
+        for tensor in [*run.model.parameters(), *(value for state in optimizer_state for value in state.values())]:
+            if torch.is_tensor(tensor) and tensor.is_floating_point():
+                tensor.add_(1)
     run.scheduler.step()  # also changes the optimizer's learning rates
     if accelerator.scaler is not None:
         scaler_state = accelerator.scaler.state_dict()
         accelerator.scaler.load_state_dict({**scaler_state, "scale": scaler_state["scale"] * 2})
     accelerator.step += 1
-    random.random()
-    np.random.random()
-    torch.rand(1)
-    if accelerator.device.type == "cuda":
-        torch.rand(1, device=accelerator.device)
+    set_seed(random.randrange(2**31))  # every RNG: Python's, NumPy's, torch's, the GPUs'
 
 
 def _cpu_load_problems(folder) -> list:
