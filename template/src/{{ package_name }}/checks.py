@@ -315,14 +315,15 @@ def check_overfit_batch(run, batch: dict) -> str:
                 train_step(run, batch)
                 steps += 1
             last = mean_over_processes(run, eval_loss(task, model, [batch]))
+    floor = first * (1 - SLOW_DROP)
     expected = (
-        f"at most checks.overfit_steps={cfg.overfit_steps} optimizer steps at the base learning rate on the first "
-        f"{len(batch['labels'])} examples of a training batch (checks.overfit_examples={cfg.overfit_examples}) "
-        f"to bring their loss from {first:.4g} to at most {target:.4g} (checks.overfit_factor={cfg.overfit_factor}), "
-        f"or at least {SLOW_DROP:.0%} lower"
+        f"the loss of the first {len(batch['labels'])} examples of a training batch "
+        f"(checks.overfit_examples={cfg.overfit_examples}) to fall from {first:.4g} to {target:.4g} "
+        f"(checks.overfit_factor={cfg.overfit_factor}), or at least to {floor:.4g} ({SLOW_DROP:.0%} lower), "
+        f"within checks.overfit_steps={cfg.overfit_steps} optimizer steps at the base learning rate"
     )
     summary = f"loss {first:.4f} -> {last:.4f} in {steps} steps"
-    verdict(run.accelerator, "overfit_batch", expected, None if last <= first * (1 - SLOW_DROP) else summary)
+    verdict(run.accelerator, "overfit_batch", expected, None if last <= floor else summary)
     if last > target:
         warn(
             "overfit_batch",
