@@ -246,13 +246,15 @@ def check_validation(run, batches: list, evaluate) -> str:
 
 
 @torch.no_grad()
-def moves_loss(task, model, parameter, batches: list, loss: float) -> bool:
-    """Whether a random change of `parameter` moves the loss (`loss` before it): the forward uses it."""
-    original = parameter.detach().clone()
-    generator = torch.Generator(parameter.device).manual_seed(0)  # not the global RNG: the run must not see it
-    parameter.add_(torch.randn(parameter.shape, generator=generator, device=parameter.device, dtype=parameter.dtype))
+def moves_loss(task, model, parameters: list, batches: list, loss: float) -> bool:
+    """Whether a random change of `parameters` moves the loss (`loss` before it): the forward uses them."""
+    originals = [parameter.detach().clone() for parameter in parameters]
+    for parameter in parameters:
+        generator = torch.Generator(parameter.device).manual_seed(0)  # not the global RNG: the run must not see it
+        parameter.add_(torch.randn(parameter.shape, generator=generator, device=parameter.device).to(parameter.dtype))
     changed = eval_loss(task, model, batches)
-    parameter.copy_(original)
+    for parameter, original in zip(parameters, originals):
+        parameter.copy_(original)
     return not math.isclose(changed, loss, rel_tol=1e-5, abs_tol=1e-7)
 
 
@@ -270,11 +272,14 @@ def check_gradient_flow(run, batches: list) -> str:
         model.train()
         # A plain backward: accelerator.backward would multiply by the fp16 loss scale, whose first value
         # often overflows on purpose (the scaler then lowers it): this check wants the true gradients.
-        sum(task.loss(model, batch) for batch in batches).backward()
+        for batch in batches:
+            task.loss(model, batch).backward()
         nonfinite = [name for name, p in trainable.items() if p.grad is not None and not p.grad.isfinite().all()]
         silent = {name: p for name, p in trainable.items() if p.grad is None or not p.grad.any()}
         loss = eval_loss(task, model, batches) if silent else 0.0
-        unused = [name for name, p in silent.items() if not moves_loss(task, model, p, batches, loss)]
+        unused = list(silent)  # usually all of them, found in one try; else each is tried alone
+        if silent and moves_loss(task, model, list(silent.values()), batches, loss):
+            unused = [name for name, p in silent.items() if not moves_loss(task, model, [p], batches, loss)]
         outside_graph = [name for name in unused if trainable[name].grad is None]  # what DDP waits for in vain
     cut = [name for name in silent if name not in unused]
     ddp_fails = outside_graph and run.accelerator.num_processes > 1 and not run.cfg.trainer.find_unused_parameters
