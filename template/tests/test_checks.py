@@ -159,6 +159,16 @@ def test_inputs_out_of_range_fail_before_any_forward_pass(toy, key, value):
     assert_names_check(error, "inputs", f"labels in [0, {outputs}) or ignored", seen)
 
 
+def test_inputs_without_tokens_fail(toy):
+    setup = toy()
+    if "input_ids" not in setup.batches[1]:
+        pytest.skip("this task's batches have no input_ids")
+    setup.batches[1]["input_ids"] = setup.batches[1]["input_ids"][:, :0]  # what a tokenizer without a vocabulary gives
+    with pytest.raises(checks.PreflightError) as error:
+        checks.check_inputs(setup.run, setup.batches)
+    assert_names_check(error, "inputs", "no tokens at all")
+
+
 def test_round_trip_fails_when_the_scheduler_is_not_checkpointed(toy, tmp_path):
     setup = toy(register_scheduler=False)
     with pytest.raises(checks.PreflightError) as error:

@@ -89,12 +89,14 @@ class Task:
 
     def input_problem(self, model, batch: dict) -> str | None:
         """What is wrong with a batch before any forward pass (on a GPU a bad id is an opaque device assert):
-        token ids outside the embedding table, labels outside [0, outputs), non-finite values. None if fine."""
+        no tokens, token ids outside the embedding table, labels outside [0, outputs), non-finite values. None if
+        fine."""
         ids = batch.get("input_ids")
-        rows = None if ids is None or not ids.numel() else embedding_rows(model)
-        if rows is not None:
-            if ids.min() < 0 or ids.max() >= rows:
-                return f"input_ids from {ids.min().item()} to {ids.max().item()} (embedding rows: {rows})"
+        if ids is not None and not ids.numel():  # seen with a tokenizer transformers built in place of the saved one
+            return f"input_ids of shape {list(ids.shape)}: no tokens at all (does the tokenizer know these texts?)"
+        rows = None if ids is None else embedding_rows(model)
+        if rows is not None and (ids.min() < 0 or ids.max() >= rows):
+            return f"input_ids from {ids.min().item()} to {ids.max().item()} (embedding rows: {rows})"
         for name, value in batch.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 return f"non-finite values in {name}"
