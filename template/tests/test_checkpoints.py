@@ -125,11 +125,81 @@ def test_nonfinite_loss_stops_with_step_and_last_finite_loss_keeping_checkpoints
     pkg.checkpoints.verify(tmp_path / "checkpoints" / STEP.format(1))
 
 
+def strict_json(path):
+    """The file's JSON, refusing the NaN and Infinity that Python's json module writes and reads by default."""
+    return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path} holds {name}: not JSON"))
+
+
 def test_nonfinite_loss_can_be_skipped_and_counted(pkg, make_config, toy_overrides, tmp_path):
-    overrides = [*toy_overrides, *ABSURD_LR, "trainer.max_steps=6"]
+    overrides = [*toy_overrides, *ABSURD_LR, "trainer.max_steps=6", "checkpoint.every_n_steps=3"]
     result = pkg.loop.train(make_config(*overrides, "trainer.nonfinite_loss=skip"), tmp_path)
     assert result["step"] == 6 and result["skipped_steps"] == 5
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values())
+    # The blown-up model's validation loss is not finite: written as null, so every file stays valid JSON.
+    assert strict_json(tmp_path / "metrics.json")["metrics"]["loss"] is None
+    assert strict_json(tmp_path / "checkpoints" / STEP.format(6) / "trainer_state.json")["trainer"]["step"] == 6
+
+
+def test_skipped_updates_are_bounded_and_a_run_past_the_bound_exports_nothing(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    overrides = [*toy_overrides, *ABSURD_LR, "trainer.nonfinite_loss=skip", "trainer.max_nonfinite_skips=3"]
+    with pytest.raises(pkg.loop.NonFiniteLossError, match=r"step 5: .* \(3 updates were skipped already"):
+        pkg.loop.train(make_config(*overrides), tmp_path)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_resume_keeps_what_the_checkpoint_trained_on_and_lets_the_rest_change(pkg, make_config):
+    def changes(*overrides, num_processes=1, allowed=(), schedule="constant"):
+        base = [
+            f"scheduler={schedule}",
+            "data.batch_size=8",
+            "trainer.max_steps=100",
+            "trainer.seed=1",
+            "optimizer.lr=0.1",
+        ]
+        saved = {**pkg.config.to_container(make_config(*base)), "num_processes": 1}
+        new = {**pkg.config.to_container(make_config(*base, *overrides)), "num_processes": num_processes}
+        return pkg.run_folder.resume_problems(saved, new, allowed)
+
+    safe = ["trainer.max_steps=99999", "trainer.eval_every_n_steps=7", "checkpoint.keep=best", "checks.enabled=false"]
+    assert changes(*safe, "data.eval_batch_size=3", "resume=latest") == []
+    assert changes("data.batch_size=4", "trainer.seed=2") == ["data.batch_size: 8 -> 4", "trainer.seed: 1 -> 2"]
+    assert changes("data.batch_size=4", allowed=["data.batch_size"]) == []
+    assert changes(num_processes=2) == ["num_processes: 1 -> 2"]
+    assert changes("optimizer.lr=0.5") == ["optimizer.lr: 0.1 -> 0.5"]  # the optimizer's saved state would win
+    assert changes("+model.config.foo=4", allowed=["model"]) == []
+    assert changes("+model.config.foo=4") == ["model.config.foo: (unset) -> 4"]
+    empty, one_key = {"model": {"config": {}}}, {"model": {"config": {"foo": 4}}}
+    assert pkg.run_folder.resume_problems(empty, one_key) == ["model.config.foo: (unset) -> 4"]
+    # A decaying schedule is laid out over trainer.max_steps: a new length would make its learning rate jump.
+    assert changes("trainer.max_steps=99999", schedule="linear") == ["trainer.max_steps: 100 -> 99999"]
+
+
+def test_train_refuses_a_folder_of_another_run_and_a_resume_that_changes_the_run(
+    pkg, make_config, checkpointed, tmp_path
+):
+    pkg.loop.train(make_config(*checkpointed), tmp_path)
+    before = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(pkg.run_folder.RunFolderError, match="holds another run .* starts from scratch"):
+        pkg.loop.train(make_config(*checkpointed), tmp_path)
+    with pytest.raises(pkg.run_folder.RunFolderError, match="data.batch_size: 8 -> 4"):
+        pkg.loop.train(make_config(*checkpointed, "resume=latest", "data.batch_size=4"), tmp_path)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_only_a_run_that_continues_a_folder_may_start_in_it(pkg, tmp_path):
+    used, fresh = tmp_path / "used", tmp_path / "fresh"
+    used.mkdir()
+    (used / "metrics.json").write_text("{}")
+    own, foreign = used / "checkpoints" / STEP.format(5), fresh / "checkpoints" / STEP.format(5)
+    pkg.run_folder.refuse_reuse(used, str(own))
+    for resume in (None, "latest", str(foreign)):
+        pkg.run_folder.refuse_reuse(fresh, resume)
+    with pytest.raises(pkg.run_folder.RunFolderError, match=r"holds another run \(metrics.json\).*from scratch"):
+        pkg.run_folder.refuse_reuse(used, "latest")  # no checkpoint to continue from
+    with pytest.raises(pkg.run_folder.RunFolderError, match="resumes from another folder's checkpoint"):
+        pkg.run_folder.refuse_reuse(used, str(foreign))
 
 
 def test_deterministic_mode_turns_on_deterministic_algorithms(pkg, make_config, toy_overrides, tmp_path):

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from .config import KeepPolicy, MetricMode
 from .modeling import WEIGHTS_FILE
+from .records import to_json
 
 logger = get_logger(__name__)
 
@@ -67,9 +68,10 @@ def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: di
             "seed": trainer_state.get("seed"),
             "versions": versions(),
             "config": config,
+            "num_processes": accelerator.num_processes,  # the data order of a resume depends on it
             "checksums": _checksums(partial),
         }
-        (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
+        (partial / STATE_FILE).write_text(to_json(record, indent=2))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -146,7 +148,7 @@ def prune(folder: Path, cfg: DictConfig, metric: str, mode: MetricMode) -> None:
     if cfg.keep != KeepPolicy.latest:
         metrics = {p: read_record(p)["trainer"]["metrics"] for p in found}
         scored = sorted(
-            (p for p in found if metric in metrics[p]),
+            (p for p in found if metrics[p].get(metric) is not None),  # null: not evaluated, or not finite
             key=lambda p: metrics[p][metric],
             reverse=mode == MetricMode.max,
         )

@@ -126,6 +126,8 @@ class TrainerConfig:
     eval_every_n_steps: int = bounded(100, ge=0)  # 0: only at the end
     log_every_n_steps: int = bounded(10, ge=1)
     nonfinite_loss: NonFiniteLoss = NonFiniteLoss.stop
+    # With nonfinite_loss=skip: the most updates the whole run may drop; one more stops it like nonfinite_loss=stop.
+    max_nonfinite_skips: int = bounded(10, ge=0)
     # Stop when `checkpoint.monitor` has not improved by more than min_delta for `patience`
     # evaluations in a row (0 turns early stopping off).
     early_stopping_patience: int = bounded(0, ge=0)
@@ -180,6 +182,8 @@ class TrainConfig:
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     # "latest" (newest checkpoint of this run folder, if any) or a checkpoint folder.
     resume: str | None = None
+    # Keys (or groups) a resume may change although the checkpoint's run had other values (run_folder.RESUME_SAFE).
+    resume_allow: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -56,10 +56,14 @@ def share_run_stamp() -> str:
     return run_stamp()
 
 
+def rank() -> int:
+    """This process's rank among all the launched ones (0: the main process), known before any Accelerator exists."""
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+
+
 def log_suffix() -> str:
     """'' for the main process, '_rank<N>' for the others: each process logs to its own file of the run folder."""
-    rank = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
-    return f"_rank{rank}" if rank else ""
+    return f"_rank{rank()}" if rank() else ""
 
 
 def gathered_ranks(accelerator) -> list:

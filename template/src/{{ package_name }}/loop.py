@@ -1,7 +1,6 @@
 """The training loop on Hugging Face Accelerate. Read it top to bottom: `train` is setup, preflight checks, fit
 and finish. The loop knows the task contract (tasks/base.py), never a task by name."""
 
-import json
 import math
 import os
 import time
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
-from . import checkpoints, launch
+from . import checkpoints, launch, run_folder
 from .checks import run_preflight_checks
 from .config import (
     ConfigError,
@@ -32,6 +31,7 @@ from .config import (
 )
 from .data import make_dataloaders, make_eval_dataloader
 from .optim import build_optimizer, build_scheduler
+from .records import to_json
 from .tasks.base import Task
 
 logger = get_logger(__name__)
@@ -185,11 +185,17 @@ def new_state(seed: int) -> dict:
 def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Build everything the run needs, in an order that makes it reproducible; resume if asked to."""
     validate(cfg)
+    run_folder.refuse_reuse(run_dir, cfg.resume)  # train.py's Hydra callback checked already; loop.train callers not
     trainer = cfg.trainer
     if trainer.deterministic:  # needed by deterministic cuBLAS; must be set before CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = make_accelerator(trainer, run_dir)
     ranks = launch.gathered_ranks(accelerator)  # fails at once if the launched processes did not form one group
+    resume_from = checkpoints.resolve_resume(cfg.resume, run_dir / "checkpoints")
+    if resume_from is not None:  # before anything is built: a changed model fails here, not in load_state
+        accepted = run_folder.check_resume(resume_from, cfg, accelerator.num_processes)
+        if accepted:
+            logger.warning(f"resuming with changes that resume_allow accepts: {'; '.join(accepted)}")
     seed = trainer.seed
     set_seed(seed, deterministic=trainer.deterministic)
 
@@ -204,7 +210,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.max_steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
 
-    resume_from = checkpoints.resolve_resume(cfg.resume, run_dir / "checkpoints")
     state = new_state(seed) if resume_from is None else checkpoints.load(accelerator, resume_from)
     if resume_from is not None:
         logger.info(f"resumed from {resume_from} at step {state['step']}", main_process_only=True)
@@ -228,14 +233,21 @@ def train_step(run: Run, cycle: list) -> float:
             run.accelerator.clip_grad_norm_(run.model.parameters(), trainer.max_grad_norm)
         run.optimizer.step()
         state["last_finite_loss"] = loss
-    elif trainer.nonfinite_loss == NonFiniteLoss.skip:
+    elif trainer.nonfinite_loss == NonFiniteLoss.skip and state["skipped_steps"] < trainer.max_nonfinite_skips:
         state["skipped_steps"] += 1
         logger.warning(f"step {step}: loss is {loss}; update skipped ({state['skipped_steps']} so far)")
     else:
+        advice = "lower optimizer.lr or set trainer.max_grad_norm"
+        if trainer.nonfinite_loss == NonFiniteLoss.skip:
+            why = f"{state['skipped_steps']} updates were skipped already, all that trainer.max_nonfinite_skips allows"
+            advice += ", or raise trainer.max_nonfinite_skips"
+        else:
+            why = "trainer.nonfinite_loss=stop"
+            advice += "; or set trainer.nonfinite_loss=skip to drop such updates and go on"
         raise NonFiniteLossError(
-            f"step {step}: the training loss is {loss}; the last finite loss was {state['last_finite_loss']} "
-            f"(step {step - 1}). Checkpoints written so far are untouched. To drop such updates and go on, "
-            "set trainer.nonfinite_loss=skip; else lower optimizer.lr or set trainer.max_grad_norm."
+            f"step {step}: the training loss is {loss}; the last finite loss was {state['last_finite_loss']}. "
+            f"Stopped ({why}): nothing was exported, and the checkpoints written so far are untouched. "
+            f"To go on: {advice}."
         )
     run.scheduler.step()
     run.optimizer.zero_grad()
@@ -317,7 +329,7 @@ def finish(run: Run, train_seconds: float) -> dict:
         "ranks": run.ranks,
     }
     if accelerator.is_main_process:
-        (run.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        (run.run_dir / "metrics.json").write_text(to_json(result, indent=2))
     shown = ", ".join(f"{name} {value:.4f}" for name, value in state["metrics"].items() if name != "examples")
     accelerator.print(
         f"step {state['step']}: validation {shown} ({train_seconds:.1f}s of training); model in {run.run_dir / 'model'}"
@@ -365,9 +377,9 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     result = {"split": cfg.split, "model": source, "metrics": metrics, "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        (run_dir / "metrics.json").write_text(to_json(result, indent=2))
         with (run_dir / "predictions.jsonl").open("w") as file:
-            file.writelines(json.dumps(record) + "\n" for record in records)
+            file.writelines(to_json(record) + "\n" for record in records)
     shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "examples")
     accelerator.print(f"{cfg.split} ({metrics['examples']} examples): {shown}; predictions in {run_dir}")
     accelerator.free_memory()

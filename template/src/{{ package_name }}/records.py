@@ -1,0 +1,19 @@
+"""Every JSON file the project writes (checkpoint records, metrics.json, predictions.jsonl) is valid JSON: a NaN or
+infinite number, which json.dumps would write as the invalid `NaN`/`Infinity`, is written as null."""
+
+import json
+import math
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def to_json(value, indent: int | None = None) -> str:
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)

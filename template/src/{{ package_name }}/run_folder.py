@@ -1,0 +1,202 @@
+"""A run folder belongs to one run. A run that would start from scratch in a folder that holds another run's outputs is
+refused (it would mix its checkpoints with the old ones, and prune the wrong ones); so is a second run started into a
+folder while a run is using it (a lock); and a resume whose config changes what the checkpoint's run was trained on.
+
+All of this happens in a Hydra callback, before Hydra writes the new run's .hydra/*.yaml and log over the old ones: a
+refused run changes nothing on disk. `loop.setup` repeats the checks for code that calls `loop.train` directly.
+"""
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+from . import checkpoints, launch
+from .config import ConfigError, to_container
+
+LOCK_FILE = "run.lock"  # locked by the main process while a run uses the folder; it holds that run's pid and host
+OUTPUTS = ("model", "best_model", "metrics.json")  # what a run leaves besides checkpoints
+
+# Config keys (or whole groups) that a resumed run may change: they steer what happens from now on without making the
+# run a different one. Every other key must match the checkpoint's run. Among the refused: the data and its order
+# (data.*, trainer.seed, data.batch_size, trainer.gradient_accumulation_steps and the number of processes all decide
+# which examples come next), the model and the task, optimizer.* and scheduler.* (the checkpoint's optimizer and
+# schedule states replace them on load, so a change would be silently ignored), checkpoint.monitor and .mode (the
+# best value so far is of the old metric) and trainer.mixed_precision.
+RESUME_SAFE = (
+    "resume",
+    "resume_allow",
+    "trainer.max_steps",  # unless the schedule decays over it (see resume_problems)
+    "trainer.eval_every_n_steps",
+    "trainer.log_every_n_steps",
+    "trainer.max_grad_norm",
+    "trainer.nonfinite_loss",
+    "trainer.max_nonfinite_skips",
+    "trainer.early_stopping_patience",
+    "trainer.early_stopping_min_delta",
+    "trainer.log_with",
+    "trainer.tracker_project",
+    "trainer.deterministic",
+    "trainer.cpu",
+    "checkpoint.every_n_steps",
+    "checkpoint.keep",
+    "checkpoint.keep_count",
+    "checks",  # they run on fresh runs only
+    "data.eval_batch_size",
+    "data.num_workers",
+)
+DECAYING_SCHEDULES = ("linear", "cosine")  # their learning rate at a step depends on trainer.max_steps
+
+
+class RunFolderError(ConfigError):
+    """A run folder that another run holds or uses, or a resume that would not continue the checkpoint's run."""
+
+
+def _matches(key: str, patterns) -> bool:
+    return any(key == pattern or key.startswith(pattern + ".") for pattern in patterns)
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):  # an empty one adds no key: {} and no value at all are the same
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def resume_problems(saved: dict, new: dict, allowed=()) -> list:
+    """The changes from the checkpoint's config `saved` to `new` that break the resume, as "key: old -> new".
+    Both are plain configs (config.to_container) plus their "num_processes"; `allowed` accepts keys or groups."""
+    old_values, new_values = _flat(saved), _flat(new)
+    problems = []
+    for key in sorted(old_values.keys() | new_values.keys()):
+        old, value = old_values.get(key, "(unset)"), new_values.get(key, "(unset)")
+        if old == value or _matches(key, allowed):
+            continue
+        safe = _matches(key, RESUME_SAFE)
+        if key == "trainer.max_steps" and new_values.get("scheduler.name") in DECAYING_SCHEDULES:
+            safe = False  # the schedule would jump to where a run of the new length would be
+        if not safe:
+            problems.append(f"{key}: {old} -> {value}")
+    return problems
+
+
+def check_resume(checkpoint: Path, cfg: DictConfig, num_processes: int) -> list:
+    """Refuse to resume from `checkpoint` with a config that changes what its run trains on; return the changes that
+    `resume_allow` accepts (the caller logs them)."""
+    record = checkpoints.read_record(checkpoint)
+    if record.get("config") is None:  # saved by code that did not record the config
+        return []
+    saved = {**record["config"], "num_processes": record.get("num_processes", num_processes)}
+    new = {**to_container(cfg), "num_processes": num_processes}
+    refused = resume_problems(saved, new, cfg.resume_allow)
+    if refused:
+        keys = ",".join(problem.split(":")[0] for problem in refused)
+        raise RunFolderError(
+            f"resume={cfg.resume}: these keys differ from the run of {checkpoint}, and a resumed run must keep them "
+            "(they decide its data order, its model, or its optimizer state, which the checkpoint replaces):\n  "
+            + "\n  ".join(refused)
+            + "\nResume with the checkpoint's values; or start a new run (resume=null, in a new hydra.run.dir); "
+            f"or accept the change on purpose: resume_allow=[{keys}]"
+        )
+    return resume_problems(saved, new)
+
+
+def _resumed_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint a run with `resume` would start from, read without verifying its files (loop.setup does)."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        return Path(resume).expanduser()
+    found = checkpoints.list_complete(run_dir / "checkpoints")
+    return found[-1] if found else None
+
+
+def _readable(checkpoint: Path | None) -> bool:
+    if checkpoint is None:
+        return False
+    try:
+        checkpoints.read_record(checkpoint)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_reuse(run_dir: Path, resume: str | None) -> None:
+    """Refuse a run that would not continue the run whose outputs `run_dir` holds (the folder of each run is its own:
+    a fresh run there would prune the old run's checkpoints or its own, and a later resume=latest could load either).
+    """
+    found = [path.name for path in checkpoints.list_complete(run_dir / "checkpoints")]
+    found = [f"checkpoints/{name}" for name in found[-1:]] + [name for name in OUTPUTS if (run_dir / name).exists()]
+    resumed = _resumed_checkpoint(resume, run_dir)
+    continues = resumed is not None and resumed.resolve().parent == (run_dir / "checkpoints").resolve()
+    if found and not continues:
+        start = "starts from scratch" if resumed is None else f"resumes from another folder's checkpoint ({resumed})"
+        raise RunFolderError(
+            f"hydra.run.dir={run_dir} holds another run ({', '.join(found)}), and this run {start}. "
+            "A run folder holds one run: continue that one with resume=latest, or choose another hydra.run.dir "
+            "(or leave it unset: every run gets a new folder)"
+        )
+
+
+def acquire(run_dir: Path):
+    """Lock the run folder for as long as the returned file stays open, or refuse naming the run that holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "unknown"
+        file.close()
+        raise RunFolderError(
+            f"hydra.run.dir={run_dir} is in use by another run (pid and host: {holder}); a run folder holds one run: "
+            "wait for that run to end, or choose another hydra.run.dir"
+        ) from None
+    return file
+
+
+def sign(lock) -> None:
+    """Write this run's pid and host into the lock file it holds, for a run refused by the lock to name."""
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} {socket.gethostname()}\n")
+    lock.flush()
+
+
+class ClaimRunFolder(Callback):
+    """Hydra callback: refuse a run that would reuse or share another run's folder, before Hydra writes into it, and
+    hold the folder's lock on the main process until the run ends."""
+
+    def __init__(self) -> None:
+        self.lock = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(os.path.abspath(config.hydra.run.dir))
+        task_config = config.copy()
+        with open_dict(task_config):
+            del task_config["hydra"]
+        main = launch.rank() == 0
+        try:
+            if main and (run_dir / LOCK_FILE).exists():  # a folder in use is refused as such (a new folder gets no
+                self.lock = acquire(run_dir)  # lock file before the checks pass: a refused run leaves no folder)
+            refuse_reuse(run_dir, task_config.resume)
+            resumed = _resumed_checkpoint(task_config.resume, run_dir)
+            if _readable(resumed):  # else loop.setup verifies it and says what is wrong with it
+                check_resume(resumed, task_config, launch.world_size())
+            if main:
+                self.lock = self.lock or acquire(run_dir)
+                sign(self.lock)
+        except ConfigError as error:
+            self.on_run_end(config)
+            raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
