@@ -195,13 +195,13 @@ def train_step(run, batch: dict) -> None:
 
 
 def check_inputs(run, batches: list) -> str:
-    """The task's input check on every batch (token ids inside the embedding table, labels in range, finite
-    values), before any forward pass: on a GPU an out-of-range id or label stops the process with an opaque
+    """The task's input check on every batch (tokens, with ids inside the embedding table, labels in range,
+    finite values), before any forward pass: on a GPU an out-of-range id or label stops the process with an opaque
     device-side assert instead of an error message."""
     task, model = run.task, run.accelerator.unwrap_model(run.model)
     problems = (task.input_problem(model, batch) for batch in batches)
     expected = (
-        f"token ids inside the embedding table, finite values, and labels in [0, {task.num_outputs(model)}) "
+        f"tokens with ids inside the embedding table, finite values, and labels in [0, {task.num_outputs(model)}) "
         f"or ignored, in {len(batches)} batches"
     )
     verdict(run.accelerator, "inputs", expected, next((p for p in problems if p is not None), None))
