@@ -266,21 +266,24 @@ def check_gradient_flow(run, batches: list) -> str:
     by a bug (a detach, a no_grad block, a write through .data), which fails. If the loss stays, the forward does
     not use it (a pooler the head skips, say): that is a warning, and plain DDP needs find_unused_parameters.
     """
-    task, model = run.task, run.accelerator.unwrap_model(run.model)  # unwrapped: no DDP hooks, each process alone
+    task, model = run.task, run.accelerator.unwrap_model(run.model)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     with preserved(run):
         model.train()
-        # A plain backward: accelerator.backward would multiply by the fp16 loss scale, whose first value
-        # often overflows on purpose (the scaler then lowers it): this check wants the true gradients.
-        for batch in batches:
-            task.loss(model, batch).backward()
-        nonfinite = [name for name, p in trainable.items() if p.grad is not None and not p.grad.isfinite().all()]
-        silent = {name: p for name, p in trainable.items() if p.grad is None or not p.grad.any()}
+        # autograd.grad, not backward: DDP's gradient hooks stay out of it, so each process judges its own
+        # gradients. Not accelerator.backward either, whose fp16 loss scale often overflows on purpose at first.
+        total = sum(task.loss(model, batch) for batch in batches)
+        found = [None] * len(trainable)  # unless some trainable parameter reaches the loss
+        if total.requires_grad:
+            found = torch.autograd.grad(total, list(trainable.values()), allow_unused=True)
+        grads = dict(zip(trainable, found))
+        nonfinite = [name for name, grad in grads.items() if grad is not None and not grad.isfinite().all()]
+        silent = {name: trainable[name] for name, grad in grads.items() if grad is None or not grad.any()}
         loss = eval_loss(task, model, batches) if silent else 0.0
         unused = list(silent)  # usually all of them, found in one try; else each is tried alone
         if silent and moves_loss(task, model, list(silent.values()), batches, loss):
             unused = [name for name, p in silent.items() if not moves_loss(task, model, [p], batches, loss)]
-        outside_graph = [name for name in unused if trainable[name].grad is None]  # what DDP waits for in vain
+        outside_graph = [name for name in unused if grads[name] is None]  # what DDP waits for in vain
     cut = [name for name in silent if name not in unused]
     ddp_fails = outside_graph and run.accelerator.num_processes > 1 and not run.cfg.trainer.find_unused_parameters
     saw = [f"{len(nonfinite)} with a non-finite gradient: {_listed(nonfinite)}"] if nonfinite else []
