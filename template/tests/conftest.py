@@ -3,6 +3,7 @@
 import importlib
 import os
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,25 @@ def run_script(script: str, *overrides: str) -> subprocess.CompletedProcess:
     """Run a project entry point (train.py, evaluate.py) with Hydra overrides, as a user would, from the project."""
     command = [sys.executable, script, *overrides]
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=dict(os.environ))
+
+
+def run_in_process(script: str, args: list, capsys=None) -> tuple:
+    """Run a project script as `python script args` would, in this process (imports are paid once): exit status
+    and output (what pytest's `capsys` captured; without it, the output is left to pytest)."""
+    argv, sys.argv = sys.argv, [script, *args]
+    try:
+        runpy.run_path(str(PROJECT_ROOT / script), run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
+    finally:
+        sys.argv = argv
+    if capsys is None:
+        return code, ""
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def reset_accelerate_state() -> None:
@@ -122,7 +142,7 @@ def toy_overrides(toys, default_task):
 @pytest.fixture(scope="session")
 def pkg():
     """The project's package modules (tests stay free of the package name)."""
-    names = "checkpoints checks config data launch loop modeling optim records run_folder tasks.base".split()
+    names = "checkpoints checks config data launch loop modeling optim records run_folder runs tasks.base".split()
     return SimpleNamespace(**{name.replace(".", "_"): importlib.import_module(f"{PACKAGE}.{name}") for name in names})
 
 

@@ -76,6 +76,11 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(pkg, ma
     assert result["num_processes"] == 2
     assert result["ranks"] == [0, 1]  # gathered from both processes: one group, not two lone runs
     assert result["metrics"]["examples"] == 33  # the padding that evens out the last batches is not counted
+    # metrics.jsonl, from the main process only, counts the examples of both processes: 2 x 4 per optimizer step.
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (trained,) = [line for line in logged if "train/loss" in line]  # step 10 (trainer.log_every_n_steps=10)
+    assert trained["perf/examples_per_s"] * trained["perf/seconds_per_step"] == pytest.approx(8)
+    assert [line for line in logged if "summary" in line] == [logged[-1]] and logged[-1]["summary"] == result
     # Complete checkpoints: the main process renames a checkpoint folder only once every process wrote its part.
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
     assert [p.name for p in checkpoints] == ["step_00000005", "step_00000010"]

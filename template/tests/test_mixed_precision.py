@@ -5,11 +5,12 @@ import torch
 from conftest import reset_accelerate_state
 from safetensors.torch import load_file
 
-# Tolerances measured on every task's toy run with 24 (text) or 6 (image, causal LM, seq2seq) model inits, bf16 against
-# fp32. Over the first 10 steps the losses stay within 0.34% of each other (largest: the image toy). Later, training
-# amplifies the rounding: one text init drifted 2.4e-2 apart at step 27 (which once failed a fixed 1e-2 bound when the
-# toy's init depended on the tests that ran before it), one causal-LM init 0.48 (16%), yet every init ends at the same
-# accuracy, and perplexities stay within 3.3%. So: tight where rounding alone acts, and the same destination.
+# Tolerances measured on every task's toy run with 24 (text) or 6 (image, causal LM, sequence-to-sequence) model
+# inits, bf16 against fp32. Over the first 10 steps the losses stay within 0.34% of each other (largest: the image
+# toy). Later, training amplifies the rounding: one text init drifted 2.4e-2 apart at step 27 (which once failed a
+# fixed 1e-2 bound when the toy's init depended on the tests that ran before it), one causal-LM init 0.48 (16%), yet
+# every init ends at the same accuracy, and perplexities stay within 3.3%. So: tight where rounding alone acts, and
+# the same destination.
 EARLY_STEPS, EARLY_RELATIVE = 10, 1e-2
 FINAL_METRIC_RELATIVE = 0.1
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch.utils._pytree import tree_leaves_with_path, tree_map
 
 from . import checkpoints
+from .errors import UserError
 
 logger = get_logger(__name__)
 
@@ -36,7 +37,7 @@ OVERFIT_EVERY = 10  # overfit_batch measures the loss every this many steps and 
 SLOW_DROP = 0.1  # a loss that fell by at least this fraction, short of the target, learns slowly: a warning
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """A preflight check failed; the message names the check, what it expected, what it saw, the off switch."""
 
 

@@ -5,7 +5,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -30,14 +29,16 @@ from .config import (
     validate,
 )
 from .data import make_dataloaders, make_eval_dataloader
+from .errors import Interrupted, UserError
+from .metrics_log import MetricsFile, Throughput, append_summary
 from .optim import build_optimizer, build_scheduler
-from .records import to_json
+from .records import METRICS_FILE, to_json
 from .tasks.base import Task
 
 logger = get_logger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
@@ -50,7 +51,8 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        log_with=None if cfg.log_with == Tracker.none else cfg.log_with.value,
+        # metrics.jsonl always (what report.py reads), and the tracker the config names.
+        log_with=[MetricsFile(run_dir / METRICS_FILE)] + ([] if cfg.log_with == Tracker.none else [cfg.log_with.value]),
         project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step
         # A sampler seeded from the config, so a resumed run sees the same batches in the same order.
@@ -288,14 +290,17 @@ def fit(run: Run) -> list:
     # One optimizer step per cycle of `gradient_accumulation_steps` micro-batches. Cycles run on across
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
     stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
+    throughput = Throughput(accelerator, run.task)
     while state["step"] < trainer.max_steps and not state["stopped_early"]:
-        loss = train_step(run, list(islice(stream, trainer.gradient_accumulation_steps)))
+        loss = train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
+        throughput.step_done()
         step = state["step"]
         step_losses.append(loss)
         progress.update(1)
         if step % trainer.log_every_n_steps == 0:
-            accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0]}, step=step)
-            progress.set_postfix(loss=f"{loss:.4f}")
+            perf = throughput.measure()
+            accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
+            progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
         if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
             evaluate_and_decide(run)
         if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
@@ -322,6 +327,7 @@ def finish(run: Run, train_seconds: float) -> dict:
         "step": state["step"],
         "metrics": state["metrics"],
         "monitor": run.stopping.metric,
+        "mode": run.stopping.mode.value,  # which way the monitored metric is better
         "stopped_early": state["stopped_early"],
         "skipped_steps": state["skipped_steps"],
         "train_seconds": train_seconds,
@@ -330,6 +336,7 @@ def finish(run: Run, train_seconds: float) -> dict:
     }
     if accelerator.is_main_process:
         (run.run_dir / "metrics.json").write_text(to_json(result, indent=2))
+        append_summary(run.run_dir / METRICS_FILE, result)
     shown = ", ".join(f"{name} {value:.4f}" for name, value in state["metrics"].items() if name != "examples")
     accelerator.print(
         f"step {state['step']}: validation {shown} ({train_seconds:.1f}s of training); model in {run.run_dir / 'model'}"
@@ -337,14 +344,49 @@ def finish(run: Run, train_seconds: float) -> dict:
     return result
 
 
+def interrupted(run: Run) -> Interrupted:
+    """Ctrl-C: the step the run stopped at, and the checkpoint that `resume=latest` would continue from."""
+    saved = checkpoints.list_complete(run.run_dir / "checkpoints")
+    resume = (
+        f"`resume=latest hydra.run.dir={run.run_dir}` would continue from {saved[-1]}"
+        if saved
+        else "no checkpoint yet, so a rerun starts over (checkpoint.every_n_steps=N saves one every N steps)"
+    )
+    return Interrupted(f"interrupted (Ctrl-C) at step {run.state['step']} of {run.cfg.trainer.max_steps}; {resume}")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`."""
     run = setup(cfg, Path(run_dir))
+<<<<<<< HEAD
     if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
         run_preflight_checks(run, lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0])
     start = time.perf_counter()
     losses = fit(run)
     return {**finish(run, time.perf_counter() - start), "losses": losses}
+=======
+    try:
+        if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
+            run_preflight_checks(
+                cfg.checks,
+                run.accelerator,
+                run.task,
+                run.model,
+                run.optimizer,
+                run.scheduler,
+                run.train_dl,
+                run.eval_dl,
+                evaluate=lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0],
+                run_dir=run.run_dir,
+                trainer_state=run.state,
+                max_grad_norm=cfg.trainer.max_grad_norm,
+            )
+        start = time.perf_counter()
+        losses = fit(run)
+        return {**finish(run, time.perf_counter() - start), "losses": losses}
+    except KeyboardInterrupt:
+        raise interrupted(run) from None
+>>>>>>> main
 
 
 def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:

@@ -4,6 +4,8 @@ infinite number, which json.dumps would write as the invalid `NaN`/`Infinity`, i
 import json
 import math
 
+METRICS_FILE = "metrics.jsonl"  # in each run folder: metrics_log.py writes it, runs.py reads it
+
 
 def _finite(value):
     if isinstance(value, float) and not math.isfinite(value):

@@ -67,6 +67,16 @@ class Task:
         """How many labelled items (examples or tokens) the batch holds: the loss is a sum over these."""
         return (batch["labels"] != IGNORE_INDEX).sum()
 
+    def tokens(self, batch: dict) -> torch.Tensor | None:
+        """How many tokens the model reads in `batch`, for the tokens/s of the metrics file: the non-padding input
+        tokens (all of `input_ids` when there is no attention mask); None for inputs that are not tokens (images).
+        A count on the batch's device: the loop adds these up and reads them only when it logs."""
+        ids = batch.get("input_ids")
+        if ids is None:
+            return None
+        mask = batch.get("attention_mask")
+        return ids.numel() if mask is None else mask.sum()
+
     def loss(self, model, batch: dict) -> torch.Tensor:
         """The loss summed over the labelled items of `batch`: the one loss of training, evaluation and the
         checks. The loop divides by the item count of the whole accumulation cycle (see loop.accumulate_cycle)."""

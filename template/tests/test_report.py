@@ -1,0 +1,159 @@
+"""What every run records for comparisons (metrics.jsonl) and report.py's table and curves, from real run folders:
+a `python train.py -m` multirun of the toy run at three learning rates, run as a user would (in this process)."""
+
+import csv
+import json
+import math
+import shutil
+
+import matplotlib.image
+import pytest
+import yaml
+from conftest import TASKS, run_in_process
+
+LEARNING_RATES = ["1e-4", "1e-3", "1e-2"]
+STEPS = [
+    "trainer.max_steps=12",
+    "trainer.log_every_n_steps=2",
+    "trainer.eval_every_n_steps=4",
+    "checks.enabled=false",
+]
+
+
+@pytest.fixture
+def multirun(toy_overrides, tmp_path, capsys):
+    """A multirun folder of three toy runs that differ only in the learning rate."""
+    folder = tmp_path / "multirun"
+    toy = [override for override in toy_overrides if not override.startswith("optimizer.lr=")]
+    lrs = f"optimizer.lr={','.join(LEARNING_RATES)}"
+    code, output = run_in_process("train.py", ["-m", *toy, *STEPS, lrs, f"hydra.sweep.dir={folder}"], capsys)
+    assert code == 0, output
+    return folder
+
+
+def lines_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_metrics_file(run_dir):
+    """The lines of one toy run (lr 1e-4) of the multirun: training steps, evaluations, the summary last."""
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    lines = lines_of(run_dir)
+    train = [line for line in lines if "train/loss" in line]
+    evals = [line for line in lines if "eval/loss" in line]
+    assert [line["step"] for line in train] == list(range(2, 13, 2))
+    # every 4 steps, then the final evaluation (at step 12 again: the exported model's)
+    assert [line["step"] for line in evals] == [4, 8, 12, 12]
+    for line in train:
+        assert line["train/lr"] == pytest.approx(1e-4) and math.isfinite(line["train/loss"])
+        # examples/s times s/step is the examples of one optimizer step: the batch (the toy has whole batches only)
+        examples_per_step = config["data"]["batch_size"] * config["trainer"]["gradient_accumulation_steps"]
+        assert line["perf/examples_per_s"] * line["perf/seconds_per_step"] == pytest.approx(examples_per_step)
+        assert 0 <= line["perf/data_wait_fraction"] <= 1
+        assert line["perf/peak_rss_gb"] > 0  # on CPU the process's peak resident set size
+        assert line["elapsed"] >= 0 and line["time"] > 0
+    assert lines[-1]["summary"] == json.loads((run_dir / "metrics.json").read_text())
+    assert lines[-1]["summary"]["mode"] in ("min", "max")
+
+
+def test_runs_record_metrics_and_report_compares_them(multirun, tmp_path, capsys):
+    check_metrics_file(multirun / "0")
+
+    out = tmp_path / "report"
+    code, output = run_in_process("report.py", [str(multirun), "--out", str(out)], capsys)
+    assert code == 0, output
+
+    # What the runs wrote, read here on their own: the monitored metric and its best value in each run.
+    summaries = {run: lines_of(multirun / run)[-1]["summary"] for run in ("0", "1", "2")}
+    monitor, mode = summaries["0"]["monitor"], summaries["0"]["mode"]
+    pick = min if mode == "min" else max
+    best = {
+        run: pick(line[f"eval/{monitor}"] for line in lines_of(multirun / run) if f"eval/{monitor}" in line)
+        for run in summaries
+    }
+    expected_order = sorted(best, key=lambda run: best[run] if mode == "min" else -best[run])
+
+    assert f"3 runs by {monitor}" in output
+    header = next(i for i, line in enumerate(output.splitlines()) if line.startswith("run ("))
+    rows = output.splitlines()[header + 1 : header + 4]
+    assert [row.split()[0] for row in rows] == expected_order  # best first
+    lr_of_run = dict(zip("012", LEARNING_RATES))
+    for row in rows:
+        run = row.split()[0]
+        # The config that differs is the learning rate and nothing else.
+        assert row.split()[1] == f"optimizer.lr={float(lr_of_run[run])}"
+        assert f"{best[run]:.4g}" in row and " 12 " in row and row.endswith("done")
+
+    with (out / "report.csv").open() as file:
+        written = list(csv.DictReader(file))
+    assert [row["run"] for row in written] == expected_order
+    assert [float(row["best"]) for row in written] == [best[run] for run in expected_order]
+    assert all(float(row["examples_per_s"]) > 0 and float(row["peak_memory_gb"]) > 0 for row in written)
+
+    image = matplotlib.image.imread(out / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
+
+    # Run folders and sweep folders together, each run once; a single run shows its overrides.
+    args = [str(multirun / "1"), str(multirun), "--out", str(out)]  # run 1 twice: counted once
+    code, output = run_in_process("report.py", args, capsys)
+    assert code == 0, output
+    assert "3 runs by" in output
+
+    code, output = run_in_process("report.py", [str(multirun / "2"), "--out", str(out)], capsys)
+    assert code == 0, output
+    assert "1 runs by" in output
+    with (out / "report.csv").open() as file:
+        assert "optimizer.lr=0.01" in next(csv.DictReader(file))["config"]  # a single run: its overrides
+
+
+def test_report_on_a_folder_without_runs_says_what_a_run_folder_is(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, output = run_in_process("report.py", [str(tmp_path / "empty"), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "no run folder in it (a run folder holds .hydra/config.yaml and metrics.jsonl" in output
+    assert "Traceback" not in output and not (tmp_path / "r").exists()
+
+    code, output = run_in_process("report.py", [str(tmp_path / "missing")], capsys)
+    assert code == 2 and "missing: no such folder" in output
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_logs_throughput_and_tokens_when_it_reads_tokens(task, toys, pkg, make_config, tmp_path):
+    cfg = make_config(*toys(task), "trainer.max_steps=4", "trainer.log_every_n_steps=2", "checks.enabled=false")
+    pkg.loop.train(cfg, tmp_path / "run")
+    train = [line for line in lines_of(tmp_path / "run") if "train/loss" in line]
+    assert [line["step"] for line in train] == [2, 4]
+
+    task_object = pkg.config.build_task(cfg.task)
+    batch = task_object.collate([task_object.load(cfg.data, cfg.model, 0)["train"][0]])
+    for line in train:
+        assert line["perf/examples_per_s"] > 0 and line["perf/seconds_per_step"] > 0
+        if "input_ids" in batch:  # every example holds at least one token
+            assert line["perf/tokens_per_s"] >= line["perf/examples_per_s"]
+        else:
+            assert "perf/tokens_per_s" not in line
+
+
+def test_a_resumed_run_counts_each_step_once_the_later_line_winning(pkg, toy_overrides, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [
+        *toy_overrides,
+        *STEPS[1:3],
+        "trainer.max_steps=8",
+        "checkpoint.every_n_steps=4",
+        f"hydra.run.dir={run_dir}",
+    ]
+    assert run_in_process("train.py", args, capsys)[0] == 0
+    # Preempted after logging step 8, before its checkpoint and export: resumed from step 4, it logs 6 and 8 again.
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    shutil.rmtree(run_dir / "model")
+    (run_dir / "metrics.json").unlink()
+    code, output = run_in_process("train.py", [*args, "resume=latest"], capsys)
+    assert code == 0, output
+
+    lines = lines_of(run_dir)
+    assert [line["step"] for line in lines if "train/loss" in line] == [2, 4, 6, 8, 6, 8]
+    run = pkg.runs.load_run(run_dir)
+    assert [line["step"] for line in run.train] == [2, 4, 6, 8]
+    assert run.train[2:] == [line for line in lines if "train/loss" in line][4:]  # the resumed run's lines
+    assert [step for step, _ in run.metric("loss")] == [4, 8]
+    assert run.summary == json.loads((run_dir / "metrics.json").read_text())
