@@ -358,35 +358,14 @@ def interrupted(run: Run) -> Interrupted:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`."""
     run = setup(cfg, Path(run_dir))
-<<<<<<< HEAD
-    if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
-        run_preflight_checks(run, lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0])
-    start = time.perf_counter()
-    losses = fit(run)
-    return {**finish(run, time.perf_counter() - start), "losses": losses}
-=======
     try:
         if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
-            run_preflight_checks(
-                cfg.checks,
-                run.accelerator,
-                run.task,
-                run.model,
-                run.optimizer,
-                run.scheduler,
-                run.train_dl,
-                run.eval_dl,
-                evaluate=lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0],
-                run_dir=run.run_dir,
-                trainer_state=run.state,
-                max_grad_norm=cfg.trainer.max_grad_norm,
-            )
+            run_preflight_checks(run, lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0])
         start = time.perf_counter()
         losses = fit(run)
         return {**finish(run, time.perf_counter() - start), "losses": losses}
     except KeyboardInterrupt:
         raise interrupted(run) from None
->>>>>>> main
 
 
 def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
