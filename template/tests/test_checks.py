@@ -6,6 +6,7 @@ import importlib
 import logging
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,19 +30,13 @@ def assert_names_check(error, check: str, *fragments: str) -> None:
 
 @pytest.fixture
 def toy(pkg, make_config, toy_overrides, tmp_path):
-    """The toy run's objects, built and prepared by the loop's own setup, and two training batches."""
+    """The toy run, built and prepared by the loop's own setup, and two training batches."""
 
-    def build(register_scheduler=True):
-        run = pkg.loop.setup(make_config(*toy_overrides), tmp_path)
-        scheduler = run.scheduler
+    def build(*overrides, register_scheduler=True):
+        run = pkg.loop.setup(make_config(*toy_overrides, *overrides), tmp_path)
         if not register_scheduler:  # a schedule the accelerator does not know about, so checkpoints miss it
-            scheduler = optim.build_scheduler(run.cfg.scheduler, run.optimizer, run.cfg.trainer.max_steps)
-        return SimpleNamespace(
-            task=run.task,
-            objects=(run.accelerator, run.model, run.optimizer, scheduler),
-            train_dl=run.train_dl,
-            batches=checks.take_batches(run.train_dl, 2),
-        )
+            run = replace(run, scheduler=optim.build_scheduler(run.cfg.scheduler, run.optimizer, 10))
+        return SimpleNamespace(run=run, batches=checks.take_batches(run.train_dl, 2))
 
     return build
 
@@ -102,52 +97,84 @@ def test_overfit_fails_when_the_setup_cannot_learn_and_its_switch_turns_it_off(
     pkg, make_config, toy_overrides, tmp_path
 ):
     with pytest.raises(checks.PreflightError) as error:
-        pkg.loop.train(make_config(*toy_overrides, "optimizer.lr=1e-9"), tmp_path / "run")
+        pkg.loop.train(make_config(*toy_overrides, "optimizer.lr=1e-9", "checks.overfit_steps=20"), tmp_path / "run")
     assert_names_check(
-        error, "overfit_batch", "checks.overfit_steps=30", "checks.overfit_examples=8", "checks.overfit_factor=1.5"
+        error, "overfit_batch", "checks.overfit_steps=20", "checks.overfit_examples=8", "checks.overfit_factor=1.5"
     )
+    assert "in 20 steps" in str(error.value)
 
     cfg = make_config(*toy_overrides, "optimizer.lr=1e-9", "checks.overfit_batch=false")
     assert pkg.loop.train(cfg, tmp_path)["step"] == cfg.trainer.max_steps
 
 
-def test_gradient_flow_names_a_trainable_parameter_the_loss_does_not_use(toy):
-    setup = toy()
-    accelerator, *rest = setup.objects
-    checks.check_gradient_flow(accelerator, setup.task, *rest, setup.batches[0])
+def test_overfit_warns_when_the_loss_falls_short_of_the_target(toy, caplog):
+    setup = toy("checks.overfit_steps=20", "checks.overfit_factor=1e6")  # a target no model reaches in 20 steps
+    caplog.set_level(logging.WARNING, logger=checks.__name__)
+    assert checks.check_overfit_batch(setup.run, setup.batches[0]).endswith("in 20 steps")
+    assert "preflight overfit_batch warning: the model learns slowly" in caplog.text, caplog.text
 
-    setup.objects[1].register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
+
+def test_overfit_stops_early_once_the_target_is_reached(toy):
+    setup = toy()
+    summary = checks.check_overfit_batch(setup.run, setup.batches[0])
+    steps = int(re.search(r"in (\d+) steps", summary).group(1))
+    assert steps < 200 and steps % checks.OVERFIT_EVERY == 0, summary
+
+
+def test_gradient_flow_warns_of_an_unused_parameter_and_fails_on_one_cut_off(toy, caplog):
+    setup = toy()
+    model = setup.run.accelerator.unwrap_model(setup.run.model)
+    caplog.set_level(logging.WARNING, logger=checks.__name__)
+    checks.check_gradient_flow(setup.run, setup.batches)
+    assert "preflight gradient_flow warning" not in caplog.text  # every parameter the toy has is used
+
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))  # never used by the forward
+    checks.check_gradient_flow(setup.run, setup.batches)
+    assert re.search(r"preflight gradient_flow warning: 1 trainable .* \(unused\)", caplog.text), caplog.text
+    assert "trainer.find_unused_parameters=true" in caplog.text
+
+    # A bug: the first layer's output is detached, so its weights shape the loss but get no gradient.
+    layers = list(model.modules())[1:]  # not the model itself, which now holds `unused`
+    first = next(module for module in layers if next(module.parameters(recurse=False), None) is not None)
+    first.register_forward_hook(lambda module, inputs, output: output.detach())
     with pytest.raises(checks.PreflightError) as error:
-        checks.check_gradient_flow(accelerator, setup.task, *rest, setup.batches[0])
-    assert_names_check(error, "gradient_flow", "unused (no gradient: not used by the loss)")
-    assert "bert.pooler" not in str(error.value)  # every parameter the loss uses is fine
+        checks.check_gradient_flow(setup.run, setup.batches)
+    cut = [name for name, _ in first.named_parameters()]
+    assert_names_check(error, "gradient_flow", "change the loss but get no gradient (cut off)", *cut)
+    assert "unused" not in str(error.value).split("(cut off)")[1]  # still only a warning in one process
 
 
 @pytest.mark.parametrize("key, value", [("labels", "outputs"), ("labels", -1), ("input_ids", 10**6)])
 def test_inputs_out_of_range_fail_before_any_forward_pass(toy, key, value):
     setup = toy()
-    accelerator, model, *_ = setup.objects
-    checks.check_inputs(accelerator, setup.task, model, setup.batches)
+    checks.check_inputs(setup.run, setup.batches)
     if key not in setup.batches[1]:
         pytest.skip(f"this task's batches have no {key}")
-    outputs = setup.task.num_outputs(accelerator.unwrap_model(model))
+    outputs = setup.run.task.num_outputs(setup.run.accelerator.unwrap_model(setup.run.model))
     value = outputs if value == "outputs" else value  # one past the last class (or token) id
     setup.batches[1][key][0, ...] = value
     with pytest.raises(checks.PreflightError) as error:
-        checks.check_inputs(accelerator, setup.task, model, setup.batches)
+        checks.check_inputs(setup.run, setup.batches)
     seen = f"to {value}" if value > 0 else "from -1"
     assert_names_check(error, "inputs", f"labels in [0, {outputs}) or ignored", seen)
 
 
+def test_inputs_without_tokens_fail(toy):
+    setup = toy()
+    if "input_ids" not in setup.batches[1]:
+        pytest.skip("this task's batches have no input_ids")
+    setup.batches[1]["input_ids"] = setup.batches[1]["input_ids"][:, :0]  # what a tokenizer without a vocabulary gives
+    with pytest.raises(checks.PreflightError) as error:
+        checks.check_inputs(setup.run, setup.batches)
+    assert_names_check(error, "inputs", "no tokens at all")
+
+
 def test_round_trip_fails_when_the_scheduler_is_not_checkpointed(toy, tmp_path):
     setup = toy(register_scheduler=False)
-    trainer_state = {"step": 0, "batches_seen": 0, "metrics": {}}
     with pytest.raises(checks.PreflightError) as error:
-        checks.check_checkpoint_round_trip(
-            setup.objects[0], setup.task, *setup.objects[1:], setup.batches[0], tmp_path / "tmp", trainer_state, 1.0
-        )
+        checks.check_checkpoint_round_trip(setup.run, setup.batches[0])
     assert_names_check(error, "checkpoint_round_trip", "scheduler.last_epoch")
-    assert not (tmp_path / "tmp").exists()
+    assert not (tmp_path / checks.TEMP_FOLDER).exists()
 
 
 class RunNotes:
@@ -165,11 +192,9 @@ class RunNotes:
 
 def test_round_trip_fails_when_a_file_needs_pickled_code_to_load(toy, tmp_path):
     setup = toy()
-    setup.objects[0].register_for_checkpointing(RunNotes())
+    setup.run.accelerator.register_for_checkpointing(RunNotes())
     with pytest.raises(checks.PreflightError) as error:
-        checks.check_checkpoint_round_trip(
-            setup.objects[0], setup.task, *setup.objects[1:], setup.batches[0], tmp_path / "tmp", {"step": 0}, 1.0
-        )
+        checks.check_checkpoint_round_trip(setup.run, setup.batches[0])
     assert_names_check(error, "checkpoint_round_trip", "do not load on the CPU with weights_only=True", "PosixPath")
     # Only the file that needs pickled code is named (the scheduler, prepared by the loop, is plain data).
     assert "custom_checkpoint_0.pkl" in str(error.value) and "scheduler.bin" not in str(error.value)
@@ -192,24 +217,24 @@ def drop_rng_file(path) -> tuple:
 @pytest.mark.parametrize("tamper", [tamper_model_file, drop_rng_file])
 def test_the_round_trip_comparison_catches_a_tampered_checkpoint(pkg, toy, tmp_path, tamper):
     setup = toy()
-    accelerator, model, optimizer, scheduler = setup.objects
-    checks.train_step(accelerator, setup.task, model, optimizer, setup.batches[0], 1.0)
-    saved = checks.snapshot(accelerator, model, optimizer, scheduler)
-    path = pkg.checkpoints.save(accelerator, tmp_path / "ckpt", {"step": 1})
-    pkg.checkpoints.load(accelerator, path)
-    assert checks.differences(saved, checks.snapshot(accelerator, model, optimizer, scheduler)) == []
+    run = setup.run
+    checks.train_step(run, setup.batches[0])
+    saved = checks.snapshot(run)
+    path = pkg.checkpoints.save(run.accelerator, tmp_path / "ckpt", {"step": 1})
+    pkg.checkpoints.load(run.accelerator, path)
+    assert checks.differences(saved, checks.snapshot(run)) == []
 
     changed = tamper(path)
     with pytest.raises(pkg.checkpoints.CorruptCheckpointError):  # resume refuses it by its checksums...
-        pkg.checkpoints.load(accelerator, path)
-    checks.perturb(accelerator, model, optimizer, scheduler)
-    accelerator.load_state(str(path))  # ...and the round-trip comparison would catch it too
-    found = checks.differences(saved, checks.snapshot(accelerator, model, optimizer, scheduler))
+        pkg.checkpoints.load(run.accelerator, path)
+    checks.perturb(run)
+    run.accelerator.load_state(str(path))  # ...and the round-trip comparison would catch it too
+    found = checks.differences(saved, checks.snapshot(run))
     assert found and all(place.startswith(changed) for place in found), found
 
 
 def test_taking_batches_leaves_the_dataloader_as_it_was(toy):
-    train_dl = toy().train_dl
+    train_dl = toy().run.train_dl
     generator_state, rng_state = train_dl.generator.get_state(), torch.get_rng_state()
     first = checks.take_batches(train_dl, 2)
     assert torch.equal(train_dl.generator.get_state(), generator_state)

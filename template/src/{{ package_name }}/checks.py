@@ -2,8 +2,9 @@
 
 Each catches a bug that otherwise shows hours into a run, or never: out-of-range inputs, a badly initialized
 head, an evaluation that crashes, parameters cut off from the loss, a setup that cannot learn, a checkpoint
-that does not restore. Each is switched by `checks.<name>` and fails with a PreflightError that names what
-it expected, what it saw and the key that turns it off.
+that does not restore. Each is switched by `checks.<name>`. A check fails only on what is surely a bug, with a
+PreflightError that names what it expected, what it saw and the key that turns it off; where a valid model can
+look the same (parameters its forward never uses, a tiny model that learns slowly) it logs a warning instead.
 
 Every check puts the training state back as it found it (model, optimizer, scheduler, gradient scaler,
 gradients, RNGs, step counter, train/eval mode) and draws its batches from a fresh pass over the
@@ -16,36 +17,31 @@ import shutil
 import time
 from contextlib import contextmanager
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, gather_object, load
-from omegaconf import DictConfig
+from accelerate.utils import DistributedType, gather_object, load, set_seed
 from safetensors.torch import load_file
+from torch.utils._pytree import tree_leaves_with_path, tree_map
 
 from . import checkpoints
 from .errors import UserError
-from .tasks.base import Task
 
 logger = get_logger(__name__)
 
 TEMP_FOLDER = ".preflight_checkpoint"  # inside the run folder, removed after the round trip
 # Sharded or compiled-graph backends keep parameters and optimizer state where these checks cannot see them.
 UNSUPPORTED = {DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA}
+OVERFIT_EVERY = 10  # overfit_batch measures the loss every this many steps and stops once it reached the target
+SLOW_DROP = 0.1  # a loss that fell by at least this fraction, short of the target, learns slowly: a warning
 
 
 class PreflightError(UserError, RuntimeError):
     """A preflight check failed; the message names the check, what it expected, what it saw, the off switch."""
 
 
-def failure_message(check: str, expected: str, saw: str) -> str:
-    return f"preflight check {check} failed: expected {expected}; saw {saw}. (Turn it off with checks.{check}=false.)"
-
-
-def verdict(accelerator: Accelerator, check: str, expected: str, saw: str | None) -> None:
+def verdict(accelerator, check: str, expected: str, saw: str | None) -> None:
     """Raise on every process when the check failed on any (`saw` is None where it passed).
 
     A process that raised alone would leave the others waiting forever in their next collective.
@@ -53,102 +49,92 @@ def verdict(accelerator: Accelerator, check: str, expected: str, saw: str | None
     failures = [(rank, seen) for rank, seen in enumerate(gather_object([saw])) if seen is not None]
     if failures:
         rank, seen = failures[0]
-        where = f" on process {rank} ({len(failures)} of {accelerator.num_processes} failed)"
-        raise PreflightError(failure_message(check, expected, seen + (where if accelerator.num_processes > 1 else "")))
+        if accelerator.num_processes > 1:
+            seen += f" on process {rank} ({len(failures)} of {accelerator.num_processes} failed)"
+        fail(check, expected, seen)
 
 
-# Snapshots of the training state -------------------------------------------------------------------------
+def fail(check: str, expected: str, saw: str):
+    off = f"(Turn it off with checks.{check}=false.)"
+    raise PreflightError(f"preflight check {check} failed: expected {expected}; saw {saw}. {off}")
 
 
-def _cpu_copy(value):
-    """A deep copy with every tensor copied to the CPU: a snapshot must not alias live state."""
-    if torch.is_tensor(value):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: _cpu_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(item) for item in value)
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    return value  # numbers, strings, None: immutable
-
-
-def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def snapshot(accelerator: Accelerator, model, optimizer, scheduler) -> dict:
-    """A CPU copy of everything `accelerator.save_state` writes for this loop."""
-    return _cpu_copy(
-        {
-            "model": accelerator.unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": None if accelerator.scaler is None else accelerator.scaler.state_dict(),
-            "rng": rng_states(),
-            "step": accelerator.step,  # Accelerate's micro-batch counter, which decides accumulation cycles
-        }
-    )
-
-
-def restore(accelerator: Accelerator, model, optimizer, scheduler, saved: dict) -> None:
-    accelerator.unwrap_model(model).load_state_dict(saved["model"])
-    # load_state_dict may keep what it is given (tensors already on the right device): give it copies.
-    optimizer.load_state_dict(_cpu_copy(saved["optimizer"]))
-    scheduler.load_state_dict(_cpu_copy(saved["scheduler"]))
-    if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(saved["scaler"])
-    set_rng_states(saved["rng"])
-    accelerator.step = saved["step"]
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def differences(expected, actual, path: str = "") -> list:
-    """The paths where two snapshots differ, bit for bit (so NaN equals NaN, and 0.0 differs from -0.0)."""
-    if torch.is_tensor(expected) and torch.is_tensor(actual):
-        same = expected.dtype == actual.dtype and expected.shape == actual.shape
-        return [] if same and torch.equal(_bits(expected), _bits(actual)) else [path]
-    if isinstance(expected, np.ndarray) and isinstance(actual, np.ndarray):
-        return [] if expected.dtype == actual.dtype and np.array_equal(expected, actual) else [path]
-    if isinstance(expected, dict) and isinstance(actual, dict):
-        if expected.keys() != actual.keys():
-            return [f"{path} (keys {sorted(map(str, expected))} != {sorted(map(str, actual))})"]
-        keys = {key: f"{path}.{key}" if path else str(key) for key in expected}
-        return [found for key, where in keys.items() for found in differences(expected[key], actual[key], where)]
-    if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)) and len(expected) == len(actual):
-        return [found for i, pair in enumerate(zip(expected, actual)) for found in differences(*pair, f"{path}[{i}]")]
-    return [] if type(expected) is type(actual) and expected == actual else [path]
+def warn(check: str, text: str) -> None:
+    logger.warning(f"preflight {check} warning: {text} (checks.{check}=false turns the check off)")
 
 
 def _listed(items: list, limit: int = 6) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+# Snapshots of the training state -------------------------------------------------------------------------
+
+
+def snapshot(run) -> dict:
+    """A CPU copy (aliasing no live tensor) of everything `accelerator.save_state` writes for the loop's `run`."""
+    accelerator = run.accelerator
+    state = {
+        "model": accelerator.unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": None if accelerator.scaler is None else accelerator.scaler.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        },
+        "step": accelerator.step,  # Accelerate's micro-batch counter, which decides accumulation cycles
+    }
+    return tree_map(lambda value: value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value, state)
+
+
+def restore(run, saved: dict) -> None:
+    """Load a snapshot back (it is used up: the optimizer may keep its tensors)."""
+    accelerator = run.accelerator
+    accelerator.unwrap_model(run.model).load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    random.setstate(saved["rng"]["python"])
+    np.random.set_state(saved["rng"]["numpy"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    accelerator.step = saved["step"]
+
+
+def _same(expected, actual) -> bool:
+    """Equal bit for bit (so NaN equals NaN, and 0.0 differs from -0.0)."""
+    if torch.is_tensor(expected) and torch.is_tensor(actual):
+        bits = [t.detach().reshape(-1).contiguous().view(torch.uint8) for t in (expected, actual)]
+        return expected.dtype == actual.dtype and expected.shape == actual.shape and torch.equal(*bits)
+    if isinstance(expected, np.ndarray) and isinstance(actual, np.ndarray):
+        return expected.dtype == actual.dtype and np.array_equal(expected, actual)
+    return type(expected) is type(actual) and expected == actual
+
+
+def differences(expected: dict, actual: dict) -> list:
+    """The places (such as `model.<weight name>`, `rng.torch`, `step`) where two snapshots differ."""
+    leaves = [
+        {".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path): leaf for path, leaf in found}
+        for found in (tree_leaves_with_path(expected), tree_leaves_with_path(actual))
+    ]
+    return [place for place in leaves[0] | leaves[1] if not _same(leaves[0].get(place), leaves[1].get(place))]
+
+
 @contextmanager
-def preserved(accelerator: Accelerator, model, optimizer, scheduler):
+def preserved(run):
     """Run the body, then put the whole training state back: the run goes on as if the body never ran."""
-    saved = snapshot(accelerator, model, optimizer, scheduler)
+    accelerator, model = run.accelerator, run.model
+    saved = snapshot(run)
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     training, sync_gradients = model.training, accelerator.sync_gradients
     accelerator.sync_gradients = True  # outside `accumulate`: every optimizer.step() in the body really steps
     try:
         yield
     finally:
-        restore(accelerator, model, optimizer, scheduler, saved)
+        restore(run, saved)
         for parameter, grad in zip(model.parameters(), grads):
             parameter.grad = grad
         model.train(training)
@@ -179,7 +165,7 @@ def take_batches(dataloader, count: int) -> list:
 
 
 @torch.no_grad()
-def eval_loss(task: Task, model, batches: list) -> float:
+def eval_loss(task, model, batches: list) -> float:
     """The task's mean loss per labelled item over `batches` with dropout off, leaving the model's mode as it was."""
     training = model.training
     model.eval()
@@ -189,165 +175,191 @@ def eval_loss(task: Task, model, batches: list) -> float:
         model.train(training)
 
 
-def train_step(accelerator: Accelerator, task: Task, model, optimizer, batch: dict, max_grad_norm: float) -> None:
+def mean_over_processes(run, value: float) -> float:
+    """The mean of `value` over all processes: every process then takes the same decision."""
+    return run.accelerator.reduce(torch.tensor(value, device=run.accelerator.device), reduction="mean").item()
+
+
+def train_step(run, batch: dict) -> None:
     """One optimizer step on `batch`, taken as the loop takes it (the batch is a whole accumulation cycle)."""
-    loss = task.loss(model, batch) / task.labelled(batch)
+    accelerator, max_grad_norm = run.accelerator, run.cfg.trainer.max_grad_norm
+    loss = run.task.loss(run.model, batch) / run.task.labelled(batch)
     # accelerator.backward divides by the accumulation steps; here one batch is the whole cycle.
     accelerator.backward(loss * accelerator.gradient_accumulation_steps)
     if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad()
+        accelerator.clip_grad_norm_(run.model.parameters(), max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad()
 
 
 # The checks: each returns a one-line summary for the log, or raises PreflightError -------------------------
 
 
-def check_inputs(accelerator: Accelerator, task: Task, model, batches: list) -> str:
-    """The task's input check on every batch (token ids inside the embedding table, labels in range, finite
-    values), before any forward pass: on a GPU an out-of-range id or label stops the process with an opaque
+def check_inputs(run, batches: list) -> str:
+    """The task's input check on every batch (tokens, with ids inside the embedding table, labels in range,
+    finite values), before any forward pass: on a GPU an out-of-range id or label stops the process with an opaque
     device-side assert instead of an error message."""
-    unwrapped = accelerator.unwrap_model(model)
-    problems = (task.input_problem(unwrapped, batch) for batch in batches)
+    task, model = run.task, run.accelerator.unwrap_model(run.model)
+    problems = (task.input_problem(model, batch) for batch in batches)
     expected = (
-        f"token ids inside the embedding table, finite values, and labels in [0, {task.num_outputs(unwrapped)}) "
+        f"tokens with ids inside the embedding table, finite values, and labels in [0, {task.num_outputs(model)}) "
         f"or ignored, in {len(batches)} batches"
     )
-    verdict(accelerator, "inputs", expected, next((p for p in problems if p is not None), None))
+    verdict(run.accelerator, "inputs", expected, next((p for p in problems if p is not None), None))
     return f"{len(batches)} batches"
 
 
-def check_init_loss(cfg: DictConfig, accelerator: Accelerator, task: Task, model, batches: list) -> str:
+def check_init_loss(run, batches: list) -> str:
     """The untrained model predicts about uniformly, so its loss is near ln(number of outputs) (the task's
     `expected_init_loss`: classes for a classifier, the vocabulary for generated text).
 
     A pretrained body with a new random head predicts about uniformly too. Far off means a broken head, a
     wrong label count, or labels that leak into the inputs; a head trained before is also far off.
     """
-    uniform = task.expected_init_loss(accelerator.unwrap_model(model))
+    uniform, cfg = run.task.expected_init_loss(run.accelerator.unwrap_model(run.model)), run.cfg.checks
     if uniform is None:
         return "skipped: the task expects no particular loss from this model (a pretrained one)"
-    loss = eval_loss(task, model, batches)
-    loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
+    loss = mean_over_processes(run, eval_loss(run.task, run.model, batches))
     tolerance = cfg.init_loss_tolerance * uniform
     expected = (
         f"the mean loss of the untrained model on {len(batches)} training batches within {tolerance:.4g} of "
         f"{uniform:.4g} = ln({math.exp(uniform):.0f}), the loss of uniform predictions "
         f"(checks.init_loss_tolerance={cfg.init_loss_tolerance} of it)"
     )
-    verdict(accelerator, "init_loss", expected, None if abs(loss - uniform) <= tolerance else f"{loss:.4g}")
+    verdict(run.accelerator, "init_loss", expected, None if abs(loss - uniform) <= tolerance else f"{loss:.4g}")
     return f"loss {loss:.4f}, uniform {uniform:.4f}"
 
 
-def check_validation(accelerator: Accelerator, model, batches: list, evaluate) -> str:
+def check_validation(run, batches: list, evaluate) -> str:
     """The loop's own `evaluate` runs end to end on a few validation batches and every metric is finite."""
     expected = f"the evaluation to run end to end on {len(batches)} validation batches with finite metrics"
-    training = model.training
+    training = run.model.training
     try:
-        metrics = evaluate(model, batches)
+        metrics = evaluate(run.model, batches)
     except Exception as error:
         # Not gathered: the other processes may be stuck in the evaluation's collectives already.
-        raise PreflightError(failure_message("validation", expected, f"{type(error).__name__}: {error}")) from error
+        fail("validation", expected, f"{type(error).__name__}: {error}")
     finally:
-        model.train(training)
+        run.model.train(training)
     bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
-    verdict(accelerator, "validation", expected, f"{bad}" if bad else None)
+    verdict(run.accelerator, "validation", expected, f"{bad}" if bad else None)
     return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
-def _gradient_problems(model) -> list:
-    """Trainable parameter tensors without a finite, non-zero gradient (judged per tensor: an embedding
-    row of a token absent from the batch rightly gets a zero gradient)."""
-    problems = []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if parameter.grad is None:
-            problems.append(f"{name} (no gradient: not used by the loss)")
-        elif not torch.isfinite(parameter.grad).all():
-            problems.append(f"{name} (non-finite gradient)")
-        elif not parameter.grad.any():
-            problems.append(f"{name} (zero gradient)")
-    return problems
+@torch.no_grad()
+def moves_loss(task, model, parameters: list, batches: list, loss: float) -> bool:
+    """Whether a random change of `parameters` moves the loss (`loss` before it): the forward uses them."""
+    originals = [parameter.detach().clone() for parameter in parameters]
+    for parameter in parameters:
+        generator = torch.Generator(parameter.device).manual_seed(0)  # not the global RNG: the run must not see it
+        parameter.add_(torch.randn(parameter.shape, generator=generator, device=parameter.device).to(parameter.dtype))
+    changed = eval_loss(task, model, batches)
+    for parameter, original in zip(parameters, originals):
+        parameter.copy_(original)
+    return not math.isclose(changed, loss, rel_tol=1e-5, abs_tol=1e-7)
 
 
-def check_gradient_flow(accelerator: Accelerator, task: Task, model, optimizer, scheduler, batch: dict) -> str:
-    """After one backward pass every trainable parameter tensor has a finite, non-zero gradient."""
-    with preserved(accelerator, model, optimizer, scheduler):
+def check_gradient_flow(run, batches: list) -> str:
+    """A backward pass over a few training batches gives every trainable parameter tensor a finite gradient
+    that is not zero throughout (judged per tensor: an embedding row of an absent token rightly gets zero).
+
+    A tensor without one is changed at random: if the loss moves, the forward uses it and the gradient is cut off
+    by a bug (a detach, a no_grad block, a write through .data), which fails. If the loss stays, the forward does
+    not use it (a pooler the head skips, say): that is a warning, and plain DDP needs find_unused_parameters.
+    """
+    task, model = run.task, run.accelerator.unwrap_model(run.model)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with preserved(run):
         model.train()
-        # A plain backward: accelerator.backward would multiply by the fp16 loss scale, whose first value
-        # often overflows on purpose (the scaler then lowers it): this check wants the true gradients.
-        task.loss(model, batch).backward()
-        problems = _gradient_problems(accelerator.unwrap_model(model))
-    trainable = sum(p.requires_grad for p in model.parameters())
-    expected = f"a finite, non-zero gradient in each of the {trainable} trainable parameter tensors after one backward"
-    verdict(
-        accelerator, "gradient_flow", expected, f"{len(problems)} without: {_listed(problems)}" if problems else None
-    )
-    return f"{trainable} parameter tensors"
-
-
-def check_overfit_batch(
-    cfg: DictConfig,
-    accelerator: Accelerator,
-    task: Task,
-    model,
-    optimizer,
-    scheduler,
-    batch: dict,
-    max_grad_norm: float,
-) -> str:
-    """A few dozen optimizer steps on a few fixed examples bring their loss well down: the setup can learn."""
-    batch = {key: value[: cfg.overfit_examples] for key, value in batch.items()}  # few examples memorize fastest
-    with preserved(accelerator, model, optimizer, scheduler):
-        # The schedule may start at 0 (warmup): train at the learning rates it scales instead.
-        for group, base_lr in zip(optimizer.param_groups, getattr(scheduler, "scheduler", scheduler).base_lrs):
-            group["lr"] = base_lr
-        first = eval_loss(task, model, [batch])
-        model.train()
-        for _ in range(cfg.overfit_steps):
-            train_step(accelerator, task, model, optimizer, batch, max_grad_norm)
-        last = eval_loss(task, model, [batch])
-    target = first / cfg.overfit_factor
+        # autograd.grad, not backward: DDP's gradient hooks stay out of it, so each process judges its own
+        # gradients. Not accelerator.backward either, whose fp16 loss scale often overflows on purpose at first.
+        total = sum(task.loss(model, batch) for batch in batches)
+        found = [None] * len(trainable)  # unless some trainable parameter reaches the loss
+        if total.requires_grad:
+            found = torch.autograd.grad(total, list(trainable.values()), allow_unused=True)
+        grads = dict(zip(trainable, found))
+        nonfinite = [name for name, grad in grads.items() if grad is not None and not grad.isfinite().all()]
+        silent = {name: trainable[name] for name, grad in grads.items() if grad is None or not grad.any()}
+        loss = eval_loss(task, model, batches) if silent else 0.0
+        unused = list(silent)  # usually all of them, found in one try; else each is tried alone
+        if silent and moves_loss(task, model, list(silent.values()), batches, loss):
+            unused = [name for name, p in silent.items() if not moves_loss(task, model, [p], batches, loss)]
+        outside_graph = [name for name in unused if grads[name] is None]  # what DDP waits for in vain
+    cut = [name for name in silent if name not in unused]
+    ddp_fails = outside_graph and run.accelerator.num_processes > 1 and not run.cfg.trainer.find_unused_parameters
+    saw = [f"{len(nonfinite)} with a non-finite gradient: {_listed(nonfinite)}"] if nonfinite else []
+    saw += [f"{len(cut)} that change the loss but get no gradient (cut off): {_listed(cut)}"] if cut else []
+    saw += [f"{len(outside_graph)} unused, which DDP refuses: {_listed(outside_graph)}"] if ddp_fails else []
     expected = (
-        f"checks.overfit_steps={cfg.overfit_steps} optimizer steps at the base learning rate on the first "
-        f"{len(batch['labels'])} examples of a training batch (checks.overfit_examples={cfg.overfit_examples}) "
-        f"to bring their loss from {first:.4g} to at most {target:.4g} (checks.overfit_factor={cfg.overfit_factor})"
+        f"a finite gradient, not zero throughout, in each of the {len(trainable)} trainable parameter tensors "
+        "that the loss depends on" + (", and trainer.find_unused_parameters=true for unused ones" if ddp_fails else "")
     )
-    verdict(accelerator, "overfit_batch", expected, None if last <= target else f"{last:.4g}")
-    return f"loss {first:.4f} -> {last:.4f} in {cfg.overfit_steps} steps"
+    verdict(run.accelerator, "gradient_flow", expected, "; ".join(saw) or None)
+    if unused:
+        ddp = "; a multi-process (DDP) run needs trainer.find_unused_parameters=true" if outside_graph else ""
+        warn(
+            "gradient_flow",
+            f"{len(unused)} trainable parameter tensors get no gradient and changing them does not change the loss: "
+            f"the forward does not use them ({_listed(unused)}). Fine if meant (a pooler this head skips, say); "
+            f"freeze them to save optimizer memory{ddp}",
+        )
+    return f"{len(trainable)} parameter tensors" + (f", {len(unused)} unused" if unused else "")
 
 
-def perturb(accelerator: Accelerator, model, optimizer, scheduler) -> None:
+def check_overfit_batch(run, batch: dict) -> str:
+    """Up to checks.overfit_steps optimizer steps on a few fixed examples bring their loss down to the target:
+    the setup can learn. A loss that falls, but not that far, is a warning (tiny random models of some
+    architectures learn slowly at the run's learning rate); one that barely moves fails."""
+    cfg, task, model, optimizer = run.cfg.checks, run.task, run.model, run.optimizer
+    batch = {key: value[: cfg.overfit_examples] for key, value in batch.items()}  # few examples memorize fastest
+    with preserved(run):
+        # The schedule may start at 0 (warmup): train at the learning rates it scales instead.
+        for group, base_lr in zip(optimizer.param_groups, getattr(run.scheduler, "scheduler", run.scheduler).base_lrs):
+            group["lr"] = base_lr
+        first = last = mean_over_processes(run, eval_loss(task, model, [batch]))
+        target, steps = first / cfg.overfit_factor, 0
+        while steps < cfg.overfit_steps and last > target:  # the same decision on every process
+            model.train()
+            for _ in range(min(OVERFIT_EVERY, cfg.overfit_steps - steps)):
+                train_step(run, batch)
+                steps += 1
+            last = mean_over_processes(run, eval_loss(task, model, [batch]))
+    floor = first * (1 - SLOW_DROP)
+    expected = (
+        f"the loss of the first {len(batch['labels'])} examples of a training batch "
+        f"(checks.overfit_examples={cfg.overfit_examples}) to fall from {first:.4g} to {target:.4g} "
+        f"(checks.overfit_factor={cfg.overfit_factor}), or at least to {floor:.4g} ({SLOW_DROP:.0%} lower), "
+        f"within checks.overfit_steps={cfg.overfit_steps} optimizer steps at the base learning rate"
+    )
+    summary = f"loss {first:.4f} -> {last:.4f} in {steps} steps"
+    verdict(run.accelerator, "overfit_batch", expected, None if last <= floor else summary)
+    if last > target:
+        warn(
+            "overfit_batch",
+            f"the model learns slowly: {summary}, short of the target {target:.4g}. Fine for some tiny random "
+            "models; otherwise raise optimizer.lr, or checks.overfit_steps to look longer",
+        )
+    return summary
+
+
+def perturb(run) -> None:
     """Change everything a checkpoint holds, so that a load which silently restores nothing is caught."""
+    accelerator, optimizer_state = run.accelerator, run.optimizer.state.values()
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(1)
-        for state in optimizer.state.values():
-            for value in state.values():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    value.add_(1)
-    scheduler.step()  # also changes the optimizer's learning rates
+        for tensor in [*run.model.parameters(), *(value for state in optimizer_state for value in state.values())]:
+            if torch.is_tensor(tensor) and tensor.is_floating_point():
+                tensor.add_(1)
+    run.scheduler.step()  # also changes the optimizer's learning rates
     if accelerator.scaler is not None:
         scaler_state = accelerator.scaler.state_dict()
         accelerator.scaler.load_state_dict({**scaler_state, "scale": scaler_state["scale"] * 2})
     accelerator.step += 1
-    random.random()
-    np.random.random()
-    torch.rand(1)
-    if accelerator.device.type == "cuda":
-        torch.rand(1, device=accelerator.device)
+    set_seed(random.randrange(2**31))  # every RNG: Python's, NumPy's, torch's, the GPUs'
 
 
-def _telling_line(error: Exception) -> str:
-    """The line that says what went wrong: torch's weights_only failures bury it under advice."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
-    line = next((line for line in lines if "Unsupported global" in line), lines[0])
-    return f"{type(error).__name__}: {line.split('. ')[0]}"
-
-
-def _cpu_load_problems(folder: Path) -> list:
-    """Checkpoint files that do not load on the CPU without running pickled code."""
+def _cpu_load_problems(folder) -> list:
+    """Checkpoint files that do not load on the CPU without running pickled code, with the line that says why
+    (torch's weights_only failures bury it under advice)."""
     problems = []
     for file in sorted(folder.iterdir()):
         try:
@@ -356,34 +368,27 @@ def _cpu_load_problems(folder: Path) -> list:
             elif file.suffix in {".bin", ".pkl", ".pt", ".pth"}:
                 load(file, map_location="cpu", weights_only=True)  # Accelerate's loader, numpy RNG states allowed
         except Exception as error:
-            problems.append(f"{file.name} ({_telling_line(error)})")
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+            line = next((line for line in lines if "Unsupported global" in line), lines[0])
+            problems.append(f"{file.name} ({type(error).__name__}: {line.split('. ')[0]})")
     return problems
 
 
-def check_checkpoint_round_trip(
-    accelerator: Accelerator,
-    task: Task,
-    model,
-    optimizer,
-    scheduler,
-    batch: dict,
-    folder: Path,
-    trainer_state: dict,
-    max_grad_norm: float,
-) -> str:
+def check_checkpoint_round_trip(run, batch: dict) -> str:
     """Save the training state, scramble the live objects, load it back: everything is restored bit for
     bit (RNG states included: Accelerate only logs a failed RNG restore), and the files load on a CPU."""
-    with preserved(accelerator, model, optimizer, scheduler):
-        train_step(accelerator, task, model, optimizer, batch, max_grad_norm)  # so the optimizer has state to save
-        saved = snapshot(accelerator, model, optimizer, scheduler)
+    accelerator, folder = run.accelerator, run.run_dir / TEMP_FOLDER
+    with preserved(run):
+        train_step(run, batch)  # so the optimizer has state to save
+        saved = snapshot(run)
         iteration = accelerator.project_configuration.iteration
         try:
-            path = checkpoints.save(accelerator, folder, trainer_state, config={})
-            perturb(accelerator, model, optimizer, scheduler)
+            path = checkpoints.save(accelerator, folder, run.state, config={})
+            perturb(run)
             loaded_trainer_state = checkpoints.load(accelerator, path)
-            changed = differences(saved, snapshot(accelerator, model, optimizer, scheduler))
-            if loaded_trainer_state != trainer_state:
-                changed.append(f"trainer state {loaded_trainer_state} (saved {trainer_state})")
+            changed = differences(saved, snapshot(run))
+            if loaded_trainer_state != run.state:
+                changed.append(f"trainer state {loaded_trainer_state} (saved {run.state})")
             unloadable = _cpu_load_problems(path) if accelerator.is_main_process else []
         finally:
             accelerator.project_configuration.iteration = iteration  # save_state counts its calls
@@ -400,51 +405,26 @@ def check_checkpoint_round_trip(
     return f"{len(saved['model'])} model tensors, optimizer, scheduler, RNG and counters restored"
 
 
-def run_preflight_checks(
-    cfg: DictConfig,
-    accelerator: Accelerator,
-    task: Task,
-    model,
-    optimizer,
-    scheduler,
-    train_dl,
-    eval_dl,
-    *,
-    evaluate,
-    run_dir: Path,
-    trainer_state: dict,
-    max_grad_norm: float,
-) -> None:
-    """Run the enabled checks (config group `checks`); `evaluate(model, batches)` is the loop's evaluation."""
+def run_preflight_checks(run, evaluate) -> None:
+    """Run the checks that `checks` (of the loop's `run` config) turns on; `evaluate(model, batches)` is the
+    loop's evaluation."""
+    cfg, accelerator = run.cfg.checks, run.accelerator
     if not cfg.enabled:
         return
     if accelerator.distributed_type in UNSUPPORTED:
         logger.warning(f"preflight checks skipped: not supported with {accelerator.distributed_type}")
         return
     start = time.perf_counter()
-    train_batches = take_batches(train_dl, cfg.init_loss_batches)
-    eval_batches = take_batches(eval_dl, cfg.validation_batches) if cfg.validation else []
-    batch = train_batches[0]
+    train_batches = take_batches(run.train_dl, cfg.init_loss_batches)
+    eval_batches = take_batches(run.eval_dl, cfg.validation_batches) if cfg.validation else []
     # In this order: inputs before any forward pass, init_loss on the untouched model.
     checks = {
-        "inputs": lambda: check_inputs(accelerator, task, model, train_batches + eval_batches),
-        "init_loss": lambda: check_init_loss(cfg, accelerator, task, model, train_batches),
-        "validation": lambda: check_validation(accelerator, model, eval_batches, evaluate),
-        "gradient_flow": lambda: check_gradient_flow(accelerator, task, model, optimizer, scheduler, batch),
-        "overfit_batch": lambda: check_overfit_batch(
-            cfg, accelerator, task, model, optimizer, scheduler, batch, max_grad_norm
-        ),
-        "checkpoint_round_trip": lambda: check_checkpoint_round_trip(
-            accelerator,
-            task,
-            model,
-            optimizer,
-            scheduler,
-            batch,
-            Path(run_dir) / TEMP_FOLDER,
-            trainer_state,
-            max_grad_norm,
-        ),
+        "inputs": lambda: check_inputs(run, train_batches + eval_batches),
+        "init_loss": lambda: check_init_loss(run, train_batches),
+        "validation": lambda: check_validation(run, eval_batches, evaluate),
+        "gradient_flow": lambda: check_gradient_flow(run, train_batches),
+        "overfit_batch": lambda: check_overfit_batch(run, train_batches[0]),
+        "checkpoint_round_trip": lambda: check_checkpoint_round_trip(run, train_batches[0]),
     }
     for name, check in checks.items():
         if not cfg[name]:

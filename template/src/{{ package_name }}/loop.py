@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
@@ -57,6 +57,7 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step
         # A sampler seeded from the config, so a resumed run sees the same batches in the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
     )
     if cfg.cpu and accelerator.device.type != "cpu":  # launch.share_run_stamp started the group on the GPUs
         raise ConfigError(
@@ -365,20 +366,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run = setup(cfg, Path(run_dir))
     try:
         if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
-            run_preflight_checks(
-                cfg.checks,
-                run.accelerator,
-                run.task,
-                run.model,
-                run.optimizer,
-                run.scheduler,
-                run.train_dl,
-                run.eval_dl,
-                evaluate=lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0],
-                run_dir=run.run_dir,
-                trainer_state=run.state,
-                max_grad_norm=cfg.trainer.max_grad_norm,
-            )
+            run_preflight_checks(run, lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0])
         start = time.perf_counter()
         losses = fit(run)
         return {**finish(run, time.perf_counter() - start, started), "losses": losses}

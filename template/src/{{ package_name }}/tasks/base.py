@@ -102,14 +102,14 @@ class Task:
 
     def input_problem(self, model, batch: dict) -> str | None:
         """What is wrong with a batch before any forward pass (on a GPU a bad id is an opaque device assert):
-        token ids outside the embedding table, labels outside [0, outputs), non-finite values. None if fine."""
+        no tokens, token ids outside the embedding table, labels outside [0, outputs), non-finite values. None if
+        fine."""
         ids = batch.get("input_ids")
-        # Only for token inputs: models without an embedding table (images) raise NotImplementedError here.
-        embeddings = None if ids is None else getattr(model, "get_input_embeddings", lambda: None)()
-        if ids is not None and embeddings is not None and ids.numel():
-            rows = embeddings.num_embeddings
-            if ids.min() < 0 or ids.max() >= rows:
-                return f"input_ids from {ids.min().item()} to {ids.max().item()} (embedding rows: {rows})"
+        if ids is not None and not ids.numel():  # seen with a tokenizer transformers built in place of the saved one
+            return f"input_ids of shape {list(ids.shape)}: no tokens at all (does the tokenizer know these texts?)"
+        rows = None if ids is None else embedding_rows(model)
+        if rows is not None and (ids.min() < 0 or ids.max() >= rows):
+            return f"input_ids from {ids.min().item()} to {ids.max().item()} (embedding rows: {rows})"
         for name, value in batch.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 return f"non-finite values in {name}"
@@ -136,6 +136,17 @@ class Task:
     def samples(self, model, dataset) -> dict:
         """A few examples of what the model produces, as text for the tracker (generative tasks); {} if none."""
         return {}
+
+
+def embedding_rows(model) -> int | None:
+    """The rows of the model's input embedding table (the ids it takes), None if it has none: images, or
+    characters hashed into several tables (CANINE). The weight's rows, not config.vocab_size, nor
+    `num_embeddings`, which quantized embeddings (I-BERT) lack."""
+    try:
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+    except (AttributeError, NotImplementedError):  # no get_input_embeddings, or none the model can name
+        return None
+    return None if weight is None else weight.shape[0]
 
 
 def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
