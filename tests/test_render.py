@@ -138,3 +138,10 @@ def test_rendered_suite(project):
     """The rendered project's own tests pass, offline, without installing it."""
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     run_ok(command, cwd=project, timeout=1800)
+
+
+@pytest.mark.rendered_suite
+def test_rendered_slow_tests(render):
+    """The generated project's slow tests (its default run leaves them out) pass too."""
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "slow"]
+    run_ok(command, cwd=render(), timeout=1800)
