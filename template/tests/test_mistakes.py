@@ -34,15 +34,21 @@ class Mistake:
     interrupt_after: str | None = None  # Ctrl-C (SIGINT) once the output shows this line (a subprocess)
 
 
-def train_script_first(*args: str) -> Callable:
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def train_script_first(*args: str, cut_short: str | None = None) -> Callable:
     """A `prepare` that runs train.py on the toy run into {tmp}/run first (plus `args`): the mistake's run folder,
-    with what Hydra writes too (.hydra/config.yaml, train.log)."""
+    with what Hydra writes too (.hydra/config.yaml, train.log); then cuts the run's file `cut_short` to half."""
 
     def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
         code, output = run_in_process(
             "train.py", [*toy, *[a.format(tmp=tmp) for a in args], f"hydra.run.dir={tmp / 'run'}"]
         )
         assert code == 0, output
+        if cut_short:
+            truncate(tmp / "run" / cut_short)
 
     return prepare
 
@@ -101,6 +107,17 @@ MISTAKES = [
         prepare=train_script_first(),
     ),
     Mistake(
+        "non-finite loss",  # trainer.nonfinite_loss=stop, the default
+        [TOY, *NONFINITE, "trainer.max_steps=10"],
+        "step 2: the training loss is nan; the last finite loss was",
+    ),
+    Mistake(
+        "resume from a truncated checkpoint",
+        [TOY, "trainer.max_steps=6", "resume={tmp}/run/checkpoints/step_00000004"],
+        "is truncated or corrupt: these files differ from when it was saved: ['model.safetensors']",
+        prepare=train_script_first(*CHECKPOINTED, cut_short="checkpoints/step_00000004/model.safetensors"),
+    ),
+    Mistake(
         "skipping non-finite losses at nearly every step",
         [TOY, *NONFINITE, "trainer.max_steps=10", "trainer.nonfinite_loss=skip", "trainer.max_nonfinite_skips=3"],
         "3 updates were skipped already, all that trainer.max_nonfinite_skips allows",
@@ -118,16 +135,15 @@ def write(files: dict) -> Callable:
     return prepare
 
 
-def copy_toy_model(keep: tuple = ("config.json", "model.safetensors"), truncate: str | None = None) -> Callable:
+def copy_toy_model(keep: tuple = ("config.json", "model.safetensors"), cut_short: str | None = None) -> Callable:
     """A `prepare` that copies the toy's saved model into {tmp}/model, only the files `keep` names, and cuts the
-    file `truncate` to half its size."""
+    file `cut_short` to half its size."""
 
     def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
         source = next(arg.split("=", 1)[1].strip("'") for arg in toy if arg.startswith("model.name_or_path="))
         shutil.copytree(source, tmp / "model", ignore=lambda _, names: [name for name in names if name not in keep])
-        if truncate:
-            path = tmp / "model" / truncate
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        if cut_short:
+            truncate(tmp / "model" / cut_short)
 
     return prepare
 
@@ -253,7 +269,7 @@ MISTAKES += [
         [TOY, "model.name_or_path={tmp}/model"],
         "/model/model.safetensors is truncated or corrupt",
         prepare=copy_toy_model(
-            keep=("config.json", "model.safetensors", "tokenizer_config.json"), truncate="model.safetensors"
+            keep=("config.json", "model.safetensors", "tokenizer_config.json"), cut_short="model.safetensors"
         ),
         task=TEXT,
     ),

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from . import checkpoints, launch
 from .config import ConfigError, to_container
-from .errors import process_rank
+from .errors import UserError, process_rank
 
 LOCK_FILE = "run.lock"  # locked by the main process while a run uses the folder; it holds that run's pid and host
 OUTPUTS = ("model", "best_model", "metrics.json")  # what a run leaves besides checkpoints
@@ -188,12 +188,14 @@ class ClaimRunFolder(Callback):
                 self.lock = acquire(run_dir)  # lock file before the checks pass: a refused run leaves no folder)
             refuse_reuse(run_dir, task_config.resume)
             resumed = _resumed_checkpoint(task_config.resume, run_dir)
+            if resumed is not None and task_config.resume != "latest":  # (latest skips a bad one, as loop.setup does)
+                checkpoints.verify(resumed)  # refused before Hydra writes this run's .hydra/ files over the old ones
             if _readable(resumed):  # else loop.setup verifies it and says what is wrong with it
                 check_resume(resumed, task_config, launch.world_size())
             if main:
                 self.lock = self.lock or acquire(run_dir)
                 sign(self.lock)
-        except ConfigError as error:
+        except UserError as error:
             self.on_run_end(config)
             raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings
 
