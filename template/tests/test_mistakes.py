@@ -155,7 +155,7 @@ TEXT = "text_classification"  # the rows on data files write its columns (text, 
 def bad_data(name: str, message: str, train: str = GOOD_CSV, validation: str = GOOD_CSV, suffix: str = ".csv"):
     """A row whose training and validation files hold these texts."""
     files = {f"train{suffix}": train, f"validation{suffix}": validation}
-    args = [TOY, *(f"data.files.{file.removesuffix(suffix)}={{tmp}}/{file}" for file in files)]
+    args = [TOY, *(f"data.files.{file.removesuffix(suffix)}=" + "{tmp}/" + file for file in files)]
     return Mistake(name, args, message, prepare=write(files), task=TEXT)
 
 
