@@ -4,6 +4,7 @@ and finish. The loop knows the task contract (tasks/base.py), never a task by na
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,9 @@ class Run:
     state: dict
     resumed_from: Path | None
     ranks: list  # every process's rank, gathered: [0, ..., N-1] when the launch trains as one group
+    # Called with (step, metrics) after each evaluation during training; what it raises ends the run (a sweep's
+    # pruner stops a losing trial so).
+    on_evaluation: Callable[[int, dict], None] | None = None
 
 
 def new_state(seed: int) -> dict:
@@ -259,6 +263,8 @@ def evaluate_and_decide(run: Run) -> None:
     accelerator, state, step = run.accelerator, run.state, run.state["step"]
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=step)
+    if run.on_evaluation is not None:
+        run.on_evaluation(step, state["metrics"])
     if accelerator.is_main_process:
         samples = run.task.samples(accelerator.unwrap_model(run.model), run.eval_dl.dataset)
         if samples:
@@ -309,18 +315,23 @@ def fit(run: Run) -> list:
     return step_losses
 
 
+def end(run: Run) -> None:
+    """Close the trackers (metrics.jsonl keeps every line logged) and free the model and the accelerator's memory."""
+    # Free the DDP-wrapped model before end_training destroys the process group. Otherwise its reducer holds the
+    # group's last reference and destroys it when train() returns, joining gloo's threads while holding the GIL
+    # they may need: a hang at exit, seen about once in ten 2-process CPU runs.
+    run.accelerator.free_memory()
+    run.model = None
+    run.accelerator.end_training()
+
+
 def finish(run: Run, train_seconds: float) -> dict:
     """Evaluate the final model, export it, end the trackers and write metrics.json."""
     accelerator, state = run.accelerator, run.state
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
     checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model")
-    # Free the DDP-wrapped model before end_training destroys the process group. Otherwise its reducer holds the
-    # group's last reference and destroys it when train() returns, joining gloo's threads while holding the GIL
-    # they may need: a hang at exit, seen about once in ten 2-process CPU runs.
-    accelerator.free_memory()
-    run.model = None
-    accelerator.end_training()
+    end(run)
     result = {
         "step": state["step"],
         "metrics": state["metrics"],
@@ -342,9 +353,12 @@ def finish(run: Run, train_seconds: float) -> dict:
     return result
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`."""
+def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
+    """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`. `on_evaluation`
+    is called with (step, metrics) after each evaluation during training; an exception it raises ends the run
+    cleanly (trackers closed, memory freed) and reaches the caller."""
     run = setup(cfg, Path(run_dir))
+    run.on_evaluation = on_evaluation
     if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
         run_preflight_checks(
             cfg.checks,
@@ -361,7 +375,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             max_grad_norm=cfg.trainer.max_grad_norm,
         )
     start = time.perf_counter()
-    losses = fit(run)
+    try:
+        losses = fit(run)
+    except BaseException:
+        end(run)  # the caller may start another run in this process (a sweep's next trial)
+        raise
     return {**finish(run, time.perf_counter() - start), "losses": losses}
 
 

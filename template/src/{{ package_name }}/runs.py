@@ -52,7 +52,10 @@ def find_runs(paths: list) -> tuple:
                 "as `python train.py` writes them)"
             )
         found += [run for run in runs if run not in found]
-        silent += [folder for folder in below if folder not in runs and folder not in silent]
+        # A folder with runs below it is a sweep's (it has a .hydra of its own), not a run that failed.
+        silent += [
+            folder for folder in below if folder not in runs + silent and not any(folder in run.parents for run in runs)
+        ]
     return found, silent
 
 

@@ -1,0 +1,278 @@
+"""sweep.py: an Optuna study over `loop.train`. Each trial is a run folder (trial_NNN) inside the sweep's folder; it
+reports the monitored metric at each evaluation, and the pruner stops the clearly losing ones.
+
+The study lives in a storage (study.db in the sweep's folder unless sweep.storage names another): run sweep.py again
+on the same folder and it goes on where it stopped; start it on several machines or processes with the same folder
+(or the same storage URL) and they share the trials.
+"""
+
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import launch
+from .checks import PreflightError
+from .config import (
+    ConfigError,
+    ParamType,
+    PrunerName,
+    SamplerName,
+    SearchDimension,
+    SweepConfig,
+    TrainConfig,
+    build_task,
+    range_problems,
+    to_container,
+    validate,
+)
+from .loop import EarlyStopping, NonFiniteLossError, train
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def search_space(params: DictConfig, prefix: str = "") -> dict:
+    """{config key: SearchDimension} from sweep.params, whose keys nest (optimizer: {lr: ...}) or are dotted."""
+    space = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if not isinstance(value, DictConfig):
+            raise ConfigError(
+                f"sweep.params.{path}={value}: expected a search dimension such as "
+                "{type: float, low: 1e-4, high: 1e-2, log: true} or {type: categorical, choices: [16, 32]}"
+            )
+        if not isinstance(value.get("type"), str):  # a config group: the dimensions are below
+            space.update(search_space(value, path + "."))
+            continue
+        try:
+            dimension = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchDimension), value))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"sweep.params.{path}: {str(error).splitlines()[0]}") from None
+        space[path] = dimension
+    return space
+
+
+def dimension_problems(key: str, dimension: SearchDimension, sampler: SamplerName) -> list:
+    where = f"sweep.params.{key}"
+    if dimension.type == ParamType.categorical:
+        return [] if dimension.choices else [f"{where}: type categorical needs a non-empty list of choices"]
+    if dimension.low is None or dimension.high is None or not dimension.low <= dimension.high:
+        return [f"{where}: type {dimension.type.value} needs low <= high (it has low={dimension.low}, high=...)"]
+    if dimension.log and dimension.low <= 0:
+        return [f"{where}: log: true needs low > 0"]
+    if sampler == SamplerName.grid and dimension.step is None:
+        return [f"{where}: sampler=grid needs a step for a {dimension.type.value} range, or type categorical"]
+    return []
+
+
+def grid_values(dimension: SearchDimension) -> list:
+    if dimension.type == ParamType.categorical:
+        return list(dimension.choices)
+    count = int(round((dimension.high - dimension.low) / dimension.step)) + 1
+    values = [dimension.low + i * dimension.step for i in range(count)]
+    return [int(value) for value in values] if dimension.type == ParamType.int else values
+
+
+def suggest(trial: optuna.Trial, key: str, dimension: SearchDimension) -> Any:
+    if dimension.type == ParamType.categorical:
+        return trial.suggest_categorical(key, list(dimension.choices))
+    if dimension.type == ParamType.int:
+        low, high, step = int(dimension.low), int(dimension.high), int(dimension.step or 1)
+        return trial.suggest_int(key, low, high, step=step, log=dimension.log)
+    return trial.suggest_float(key, dimension.low, dimension.high, step=dimension.step, log=dimension.log)
+
+
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The training part of sweep.py's config (everything but `sweep`), typed as train.py's."""
+    names = [f.name for f in fields(TrainConfig)]
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.masked_copy(cfg, names))
+
+
+def trial_config(base: DictConfig, values: dict) -> DictConfig:
+    """The base training config with a trial's values, validated like any run's config."""
+    cfg = base.copy()
+    for key, value in values.items():
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"sweep.params.{key}: {str(error).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def check(cfg: DictConfig) -> dict:
+    """Refuse a sweep config that could not run (before any folder or trial exists); return its search space."""
+    sweep = cfg.sweep
+    problems = range_problems(SweepConfig, sweep, "sweep.")
+    space = search_space(sweep.params)
+    if not space:
+        problems.append("sweep.params is empty: name the config keys to search, e.g. sweep=lr (configs/sweep/)")
+    for key, dimension in space.items():
+        problems += dimension_problems(key, dimension, sweep.sampler)
+    if sweep.pruner != PrunerName.none and not cfg.trainer.eval_every_n_steps:
+        problems.append(
+            f"sweep.pruner={sweep.pruner.value} needs evaluations during training to compare trials: "
+            "set trainer.eval_every_n_steps, or sweep.pruner=none"
+        )
+    if launch.world_size() > 1:
+        problems.append(
+            "sweep.py runs each trial in one process: start it with python, not accelerate launch or torchrun "
+            "(several workers: start several sweep.py on the same folder)"
+        )
+    if problems:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(problems))
+    base = training_config(cfg)
+    for key, dimension in space.items():  # every end of every range, and every choice, must make a valid run
+        ends = dimension.choices if dimension.type == ParamType.categorical else [dimension.low, dimension.high]
+        for value in ends:
+            trial_config(base, {key: value})
+    return space
+
+
+class CheckSweep(Callback):
+    """Hydra callback: refuse a sweep that could not run before Hydra creates its folder. (No lock on the folder:
+    the workers of a sweep share it; each trial has its own.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check(config)
+        except ConfigError as error:
+            raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings
+
+
+def make_sampler(sweep: DictConfig, space: dict) -> optuna.samplers.BaseSampler:
+    if sweep.sampler == SamplerName.grid:
+        return optuna.samplers.GridSampler({key: grid_values(dim) for key, dim in space.items()}, seed=sweep.seed)
+    if sweep.sampler == SamplerName.random:
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    return optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.n_startup_trials)
+
+
+def make_pruner(sweep: DictConfig, trainer: DictConfig) -> optuna.pruners.BasePruner:
+    """The pruner, counting resources in optimizer steps (the steps at which trials report)."""
+    min_steps, factor = sweep.min_resource or trainer.eval_every_n_steps, sweep.reduction_factor
+    if sweep.pruner == PrunerName.median:
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.n_startup_trials, n_warmup_steps=sweep.n_warmup_steps)
+    if sweep.pruner == PrunerName.successive_halving:
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_steps, reduction_factor=factor)
+    if sweep.pruner == PrunerName.hyperband:
+        return optuna.pruners.HyperbandPruner(min_steps, max_resource=trainer.max_steps, reduction_factor=factor)
+    return optuna.pruners.NopPruner()
+
+
+def storage_url(sweep: DictConfig, sweep_dir: Path) -> str:
+    return sweep.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+
+
+def open_study(cfg: DictConfig, sweep_dir: Path, space: dict, direction: str) -> optuna.Study:
+    """Create the study, or join it if it exists (a resumed sweep, or another worker). A trial whose process died
+    (no heartbeat for two minutes) is marked failed and run again with the same values."""
+    with warnings.catch_warnings():  # heartbeats are marked experimental; they have been in Optuna since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            storage_url(cfg.sweep, sweep_dir),
+            heartbeat_interval=60,
+            grace_period=120,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+    return optuna.create_study(
+        storage=storage,
+        study_name=cfg.sweep.study_name,
+        direction="minimize" if direction == "min" else "maximize",
+        sampler=make_sampler(cfg.sweep, space),
+        pruner=make_pruner(cfg.sweep, cfg.trainer),
+        load_if_exists=True,
+    )
+
+
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons: each trial builds its Accelerator from a clean slate."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def write_trial_config(trial_dir: Path, cfg: DictConfig, values: dict) -> None:
+    """The trial's config and overrides where train.py's Hydra writes them, so report.py reads a trial as a run."""
+    hydra_dir = trial_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(cfg)))
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump([f"{key}={value}" for key, value in values.items()]))
+
+
+class Objective:
+    """One trial: sample the values, train in the trial's own folder, report each evaluation, return the metric."""
+
+    def __init__(self, base: DictConfig, space: dict, sweep_dir: Path, monitor: str):
+        self.base, self.space, self.sweep_dir, self.monitor = base, space, sweep_dir, monitor
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
+        cfg = trial_config(self.base, values)
+        trial_dir = self.sweep_dir / f"trial_{trial.number:03d}"
+        write_trial_config(trial_dir, cfg, values)
+        print(f"trial {trial.number}: {' '.join(f'{key}={value}' for key, value in values.items())} in {trial_dir}")
+
+        def report(step: int, metrics: dict) -> None:
+            trial.report(metrics[self.monitor], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{self.monitor} {metrics[self.monitor]:.4g} at step {step}")
+
+        reset_accelerate_state()
+        try:
+            result = train(cfg, trial_dir, on_evaluation=report)
+        finally:
+            reset_accelerate_state()
+        return result["metrics"][self.monitor]
+
+
+def last_step(trial: optuna.trial.FrozenTrial) -> int | None:
+    return max(trial.intermediate_values, default=None)
+
+
+def summary(study: optuna.Study, monitor: str) -> str:
+    """The study's trials, one line each, and the best one."""
+    lines = [f"{'trial':>5}  {'state':8}  {monitor:>10}  {'last report':>11}  values"]
+    for trial in study.trials:
+        value = "-" if trial.value is None else f"{trial.value:.4g}"
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            value = f"{trial.intermediate_values[last_step(trial)]:.4g}" if trial.intermediate_values else "-"
+        values = " ".join(f"{key}={value}" for key, value in trial.params.items())
+        step = last_step(trial)
+        lines.append(f"{trial.number:>5}  {trial.state.name:8}  {value:>10}  {step if step else '-':>11}  {values}")
+    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    if finished:
+        best = study.best_trial
+        lines.append(f"best: trial {best.number}, {monitor} {best.value:.4g}, {best.params}")
+    return "\n".join(lines)
+
+
+def run_sweep(cfg: DictConfig, sweep_dir: Path) -> optuna.Study:
+    """Run trials until the study holds sweep.n_trials finished ones (all workers together), then print them."""
+    space = check(cfg)
+    base = training_config(cfg)
+    stopping = EarlyStopping.from_config(base, build_task(base.task))  # the monitored metric, and which way is better
+    study = open_study(cfg, sweep_dir, space, stopping.mode.value)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from this module instead
+    remaining = cfg.sweep.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    print(f"study {study.study_name} in {storage_url(cfg.sweep, sweep_dir)}: {len(study.trials)} trials so far")
+    if remaining > 0:
+        study.optimize(
+            Objective(base, space, sweep_dir, stopping.metric),
+            n_trials=remaining,
+            # Other workers finish trials too: stop when the study as a whole has enough.
+            callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED)],
+            # A trial that diverges, or whose values fail a preflight check (too low a learning rate to overfit a
+            # batch, say), fails; the sweep goes on.
+            catch=(NonFiniteLossError, PreflightError),
+            gc_after_trial=True,
+        )
+    print(summary(study, stopping.metric))
+    print(f"compare the trials: python report.py {sweep_dir}")
+    return study
