@@ -56,6 +56,7 @@ def test_the_median_pruner_stops_trials_that_learn_nothing(toy_overrides, tmp_pa
         steps = [line["step"] for line in lines_of(run_dir) if "eval/loss" in line]
         if trial.state.name == "PRUNED":  # stopped at its first evaluation, worse than both finished trials there
             assert steps == [4] and not (run_dir / "metrics.json").exists()
+            assert lines_of(run_dir)[-1]["stopped_by"] == "TrialPruned"
             finished_at_4 = [finished.intermediate_values[4] for finished in trials[:2]]
             assert trial.intermediate_values[4] > max(finished_at_4)
         else:
@@ -69,6 +70,7 @@ def test_the_median_pruner_stops_trials_that_learn_nothing(toy_overrides, tmp_pa
     rows = output.splitlines()[2:6]
     assert [row.split()[0] for row in rows[:2]] == ["trial_001", "trial_000"]  # the finished ones, best first
     assert all("optimizer.lr=" in row for row in rows) and (tmp_path / "report" / "curves.png").is_file()
+    assert [row.split()[-1] for row in rows] == ["done", "done", "TrialPruned", "TrialPruned"]
 
 
 def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, capsys):
@@ -87,6 +89,13 @@ def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, 
 
     output = sweep(folder, toy_overrides, capsys, *fast, "sweep.n_trials=4")  # nothing left to do
     assert "4 trials so far" in output and len(study_of(folder).trials) == 4
+
+    # Trials of another seed would not compare with the study's: refused, the folder as it was.
+    hydra_config = (folder / ".hydra" / "config.yaml").read_text()
+    args = [*toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}", "sweep.n_trials=5", "trainer.seed=1"]
+    code, output = run_in_process("sweep.py", args, capsys)
+    assert code != 0 and "trainer.seed: 42 -> 1" in output and "Traceback" not in output
+    assert len(study_of(folder).trials) == 4 and (folder / ".hydra" / "config.yaml").read_text() == hydra_config
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from .config import (
     validate,
 )
 from .data import make_dataloaders, make_eval_dataloader
-from .metrics_log import MetricsFile, Throughput, append_summary
+from .metrics_log import MetricsFile, Throughput, append_stop, append_summary
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task
@@ -377,8 +377,10 @@ def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], N
     start = time.perf_counter()
     try:
         losses = fit(run)
-    except BaseException:
+    except BaseException as error:
         end(run)  # the caller may start another run in this process (a sweep's next trial)
+        if run.accelerator.is_main_process:  # report.py shows why the run has no summary
+            append_stop(run.run_dir / METRICS_FILE, run.state["step"], error)
         raise
     return {**finish(run, time.perf_counter() - start), "losses": losses}
 

@@ -6,6 +6,7 @@ on the same folder and it goes on where it stopped; start it on several machines
 (or the same storage URL) and they share the trials.
 """
 
+import os
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -34,6 +35,7 @@ from .config import (
     validate,
 )
 from .loop import EarlyStopping, NonFiniteLossError, train
+from .run_folder import resume_problems
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -107,8 +109,35 @@ def trial_config(base: DictConfig, values: dict) -> DictConfig:
     return cfg
 
 
-def check(cfg: DictConfig) -> dict:
-    """Refuse a sweep config that could not run (before any folder or trial exists); return its search space."""
+def saved_config(sweep: DictConfig, sweep_dir: Path) -> dict | None:
+    """The training config that the study's first worker recorded, if the study exists."""
+    if sweep.storage is None and not (sweep_dir / "study.db").is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=sweep.study_name, storage=storage_url(sweep, sweep_dir))
+        return study.user_attrs["config"]
+    except KeyError:  # no such study yet, or one that another program created
+        return None
+
+
+def check_joined(cfg: DictConfig, sweep_dir: Path, space: dict) -> None:
+    """A sweep that resumes, or a worker that joins, trains its trials as the study's earlier ones were trained:
+    refuse other training values (the search space, the sampler, the pruner and n_trials may change)."""
+    saved = saved_config(cfg.sweep, sweep_dir)
+    if saved is None:
+        return
+    changed = resume_problems(saved, to_container(training_config(cfg)), [*space, *cfg.resume_allow])
+    if changed:
+        raise ConfigError(
+            f"the study {cfg.sweep.study_name} in {storage_url(cfg.sweep, sweep_dir)} trained its trials with other "
+            "values, and its trials would not compare:\n  " + "\n  ".join(changed) + "\nRun it with the study's "
+            "values; or start a new sweep (another hydra.run.dir, or sweep.study_name)"
+        )
+
+
+def check(cfg: DictConfig, sweep_dir: Path) -> dict:
+    """Refuse a sweep config that could not run (before any folder or trial exists), or that would join a study of
+    other training values; return its search space."""
     sweep = cfg.sweep
     problems = range_problems(SweepConfig, sweep, "sweep.")
     space = search_space(sweep.params)
@@ -133,6 +162,7 @@ def check(cfg: DictConfig) -> dict:
         ends = dimension.choices if dimension.type == ParamType.categorical else [dimension.low, dimension.high]
         for value in ends:
             trial_config(base, {key: value})
+    check_joined(cfg, sweep_dir, space)
     return space
 
 
@@ -142,7 +172,7 @@ class CheckSweep(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            check(config)
+            check(config, Path(os.path.abspath(config.hydra.run.dir)))
         except ConfigError as error:
             raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings
 
@@ -171,7 +201,7 @@ def storage_url(sweep: DictConfig, sweep_dir: Path) -> str:
     return sweep.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
 
 
-def open_study(cfg: DictConfig, sweep_dir: Path, space: dict, direction: str) -> optuna.Study:
+def open_study(cfg: DictConfig, sweep_dir: Path, base: DictConfig, space: dict, direction: str) -> optuna.Study:
     """Create the study, or join it if it exists (a resumed sweep, or another worker). A trial whose process died
     (no heartbeat for two minutes) is marked failed and run again with the same values."""
     with warnings.catch_warnings():  # heartbeats are marked experimental; they have been in Optuna since 2.8
@@ -182,7 +212,7 @@ def open_study(cfg: DictConfig, sweep_dir: Path, space: dict, direction: str) ->
             grace_period=120,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
-    return optuna.create_study(
+    study = optuna.create_study(
         storage=storage,
         study_name=cfg.sweep.study_name,
         direction="minimize" if direction == "min" else "maximize",
@@ -190,6 +220,9 @@ def open_study(cfg: DictConfig, sweep_dir: Path, space: dict, direction: str) ->
         pruner=make_pruner(cfg.sweep, cfg.trainer),
         load_if_exists=True,
     )
+    if "config" not in study.user_attrs:  # what the workers that join later must train with (check_joined)
+        study.set_user_attr("config", to_container(base))
+    return study
 
 
 def reset_accelerate_state() -> None:
@@ -255,10 +288,10 @@ def summary(study: optuna.Study, monitor: str) -> str:
 
 def run_sweep(cfg: DictConfig, sweep_dir: Path) -> optuna.Study:
     """Run trials until the study holds sweep.n_trials finished ones (all workers together), then print them."""
-    space = check(cfg)
+    space = check(cfg, sweep_dir)
     base = training_config(cfg)
     stopping = EarlyStopping.from_config(base, build_task(base.task))  # the monitored metric, and which way is better
-    study = open_study(cfg, sweep_dir, space, stopping.mode.value)
+    study = open_study(cfg, sweep_dir, base, space, stopping.mode.value)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from this module instead
     remaining = cfg.sweep.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
     print(f"study {study.study_name} in {storage_url(cfg.sweep, sweep_dir)}: {len(study.trials)} trials so far")
