@@ -35,9 +35,21 @@ from .config import (
     validate,
 )
 from .loop import EarlyStopping, NonFiniteLossError, train
-from .run_folder import resume_problems
+from .runs import flatten
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# Training keys that a resumed sweep, or a joining worker, may set otherwise: they change how a trial is logged or
+# checked, not what it learns (any other change makes its trials incomparable with the study's).
+JOIN_SAFE = (
+    "resume_allow",
+    "trainer.log_with",
+    "trainer.tracker_project",
+    "trainer.log_every_n_steps",
+    "trainer.cpu",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "checks",
+)
 
 
 def search_space(params: DictConfig, prefix: str = "") -> dict:
@@ -126,12 +138,19 @@ def check_joined(cfg: DictConfig, sweep_dir: Path, space: dict) -> None:
     saved = saved_config(cfg.sweep, sweep_dir)
     if saved is None:
         return
-    changed = resume_problems(saved, to_container(training_config(cfg)), [*space, *cfg.resume_allow])
+    old, new = flatten(saved), flatten(to_container(training_config(cfg)))
+    allowed = [*space, *JOIN_SAFE, *cfg.resume_allow]
+    changed = [
+        f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not any(key == a or key.startswith(a + ".") for a in allowed)
+    ]
     if changed:
         raise ConfigError(
             f"the study {cfg.sweep.study_name} in {storage_url(cfg.sweep, sweep_dir)} trained its trials with other "
             "values, and its trials would not compare:\n  " + "\n  ".join(changed) + "\nRun it with the study's "
-            "values; or start a new sweep (another hydra.run.dir, or sweep.study_name)"
+            "values; or start a new sweep (another hydra.run.dir, or sweep.study_name); or accept the change on "
+            f"purpose: resume_allow=[{','.join(change.split(':')[0] for change in changed)}]"
         )
 
 
@@ -239,6 +258,12 @@ def write_trial_config(trial_dir: Path, cfg: DictConfig, values: dict) -> None:
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump([f"{key}={value}" for key, value in values.items()]))
 
 
+def described(values: dict) -> str:
+    """A trial's values as overrides, floats to 4 significant digits (its .hydra/overrides.yaml has them whole)."""
+    shown = {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in values.items()}
+    return " ".join(f"{key}={value}" for key, value in shown.items())
+
+
 class Objective:
     """One trial: sample the values, train in the trial's own folder, report each evaluation, return the metric."""
 
@@ -250,7 +275,7 @@ class Objective:
         cfg = trial_config(self.base, values)
         trial_dir = self.sweep_dir / f"trial_{trial.number:03d}"
         write_trial_config(trial_dir, cfg, values)
-        print(f"trial {trial.number}: {' '.join(f'{key}={value}' for key, value in values.items())} in {trial_dir}")
+        print(f"trial {trial.number}: {described(values)} in {trial_dir}")
 
         def report(step: int, metrics: dict) -> None:
             trial.report(metrics[self.monitor], step)
@@ -265,24 +290,18 @@ class Objective:
         return result["metrics"][self.monitor]
 
 
-def last_step(trial: optuna.trial.FrozenTrial) -> int | None:
-    return max(trial.intermediate_values, default=None)
-
-
 def summary(study: optuna.Study, monitor: str) -> str:
-    """The study's trials, one line each, and the best one."""
+    """The study's trials, one line each (a pruned trial: its last reported value), and the best one."""
     lines = [f"{'trial':>5}  {'state':8}  {monitor:>10}  {'last report':>11}  values"]
     for trial in study.trials:
-        value = "-" if trial.value is None else f"{trial.value:.4g}"
-        if trial.state == optuna.trial.TrialState.PRUNED:
-            value = f"{trial.intermediate_values[last_step(trial)]:.4g}" if trial.intermediate_values else "-"
-        values = " ".join(f"{key}={value}" for key, value in trial.params.items())
-        step = last_step(trial)
-        lines.append(f"{trial.number:>5}  {trial.state.name:8}  {value:>10}  {step if step else '-':>11}  {values}")
-    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
-    if finished:
+        step = max(trial.intermediate_values, default=None)
+        value = trial.value if trial.value is not None else trial.intermediate_values.get(step)
+        shown = "-" if value is None else f"{value:.4g}"
+        state = trial.state.name
+        lines.append(f"{trial.number:>5}  {state:8}  {shown:>10}  {step or '-':>11}  {described(trial.params)}")
+    if any(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials):
         best = study.best_trial
-        lines.append(f"best: trial {best.number}, {monitor} {best.value:.4g}, {best.params}")
+        lines.append(f"best: trial {best.number}, {monitor} {best.value:.4g}: {described(best.params)}")
     return "\n".join(lines)
 
 
@@ -291,8 +310,8 @@ def run_sweep(cfg: DictConfig, sweep_dir: Path) -> optuna.Study:
     space = check(cfg, sweep_dir)
     base = training_config(cfg)
     stopping = EarlyStopping.from_config(base, build_task(base.task))  # the monitored metric, and which way is better
-    study = open_study(cfg, sweep_dir, base, space, stopping.mode.value)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from this module instead
+    study = open_study(cfg, sweep_dir, base, space, stopping.mode.value)
     remaining = cfg.sweep.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
     print(f"study {study.study_name} in {storage_url(cfg.sweep, sweep_dir)}: {len(study.trials)} trials so far")
     if remaining > 0:
