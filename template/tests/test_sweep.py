@@ -2,10 +2,13 @@
 folder; a pruner that provably prunes, a sweep that resumes where it stopped, and report.py on the sweep's folder."""
 
 import json
+import os
+import subprocess
+import sys
 
 import optuna
 import pytest
-from conftest import run_in_process
+from conftest import PROJECT_ROOT, run_in_process
 
 STEPS = [
     "trainer.max_steps=12",
@@ -96,6 +99,23 @@ def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, 
     code, output = run_in_process("sweep.py", args, capsys)
     assert code != 0 and "trainer.seed: 42 -> 1" in output and "Traceback" not in output
     assert len(study_of(folder).trials) == 4 and (folder / ".hydra" / "config.yaml").read_text() == hydra_config
+
+
+def test_two_workers_share_one_study(toy_overrides, tmp_path):
+    folder = tmp_path / "sweep"
+    fast = ["sweep.pruner=none", "sweep.sampler=random", "trainer.max_steps=4", "sweep.n_trials=2"]
+    command = [sys.executable, "sweep.py", *toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    workers = [subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, **output) for _ in range(2)]  # started together
+    outputs = [worker.communicate()[0].decode() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+
+    trials = study_of(folder).trials
+    # Each worker stops once the study holds 2 finished trials; the other may be finishing one of its own by then.
+    assert all(trial.state.name == "COMPLETE" for trial in trials) and 2 <= len(trials) <= 3
+    assert sorted(path.name for path in folder.glob("trial_*")) == [f"trial_{n:03d}" for n in range(len(trials))]
+    assert all((folder / f"trial_{n:03d}" / "metrics.json").is_file() for n in range(len(trials)))
 
 
 @pytest.mark.parametrize(

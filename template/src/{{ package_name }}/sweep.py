@@ -7,6 +7,7 @@ on the same folder and it goes on where it stopped; start it on several machines
 """
 
 import os
+import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +19,7 @@ from accelerate.state import AcceleratorState, GradientState
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import launch
 from .checks import PreflightError
@@ -126,7 +128,7 @@ def saved_config(sweep: DictConfig, sweep_dir: Path) -> dict | None:
     if sweep.storage is None and not (sweep_dir / "study.db").is_file():
         return None
     try:
-        study = optuna.load_study(study_name=sweep.study_name, storage=storage_url(sweep, sweep_dir))
+        study = optuna.load_study(study_name=sweep.study_name, storage=connect(storage_url(sweep, sweep_dir)))
         return study.user_attrs["config"]
     except KeyError:  # no such study yet, or one that another program created
         return None
@@ -220,19 +222,30 @@ def storage_url(sweep: DictConfig, sweep_dir: Path) -> str:
     return sweep.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
 
 
+def connect(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The study's storage. A trial whose process died (no heartbeat for two minutes) is marked failed and run again
+    with the same values. Workers started together race to create the tables of a new database (one of them fails on
+    a unique constraint): the loser tries again and finds them made."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental; they have been in Optuna since 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=60,
+                    grace_period=120,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 def open_study(cfg: DictConfig, sweep_dir: Path, base: DictConfig, space: dict, direction: str) -> optuna.Study:
-    """Create the study, or join it if it exists (a resumed sweep, or another worker). A trial whose process died
-    (no heartbeat for two minutes) is marked failed and run again with the same values."""
-    with warnings.catch_warnings():  # heartbeats are marked experimental; they have been in Optuna since 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            storage_url(cfg.sweep, sweep_dir),
-            heartbeat_interval=60,
-            grace_period=120,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+    """Create the study, or join it if it exists (a resumed sweep, or another worker)."""
     study = optuna.create_study(
-        storage=storage,
+        storage=connect(storage_url(cfg.sweep, sweep_dir)),
         study_name=cfg.sweep.study_name,
         direction="minimize" if direction == "min" else "maximize",
         sampler=make_sampler(cfg.sweep, space),
