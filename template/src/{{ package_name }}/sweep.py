@@ -80,7 +80,7 @@ def dimension_problems(key: str, dimension: SearchDimension, sampler: SamplerNam
     if dimension.type == ParamType.categorical:
         return [] if dimension.choices else [f"{where}: type categorical needs a non-empty list of choices"]
     if dimension.low is None or dimension.high is None or not dimension.low <= dimension.high:
-        return [f"{where}: type {dimension.type.value} needs low <= high (it has low={dimension.low}, high=...)"]
+        return [f"{where}: type {dimension.type.value} needs low <= high (it has {dimension.low} and {dimension.high})"]
     if dimension.log and dimension.low <= 0:
         return [f"{where}: log: true needs low > 0"]
     if sampler == SamplerName.grid and dimension.step is None:
