@@ -181,7 +181,7 @@ def check(cfg: DictConfig, sweep_dir: Path) -> dict:
     base = training_config(cfg)
     for key, dimension in space.items():  # every end of every range, and every choice, must make a valid run
         ends = dimension.choices if dimension.type == ParamType.categorical else [dimension.low, dimension.high]
-        for value in ends:
+        for value in map(int, ends) if dimension.type == ParamType.int else ends:
             trial_config(base, {key: value})
     check_joined(cfg, sweep_dir, space)
     return space
