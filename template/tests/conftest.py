@@ -42,9 +42,9 @@ def run_script(script: str, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=dict(os.environ))
 
 
-def run_in_process(script: str, args: list, capsys) -> tuple:
+def run_in_process(script: str, args: list, capsys=None) -> tuple:
     """Run a project script as `python script args` would, in this process (imports are paid once): exit status
-    and output."""
+    and output (what pytest's `capsys` captured; without it, the output is left to pytest)."""
     argv, sys.argv = sys.argv, [script, *args]
     try:
         runpy.run_path(str(PROJECT_ROOT / script), run_name="__main__")
@@ -55,6 +55,8 @@ def run_in_process(script: str, args: list, capsys) -> tuple:
             print(stop.code, file=sys.stderr)  # what the interpreter prints for sys.exit("message")
     finally:
         sys.argv = argv
+    if capsys is None:
+        return code, ""
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 

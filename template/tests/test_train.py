@@ -59,5 +59,5 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_says_so(pkg, make_config,
 
 def test_missing_data_file_names_the_key(pkg, make_config, toy_overrides, tmp_path):
     missing = tmp_path / "missing.csv"
-    with pytest.raises(FileNotFoundError, match="data.files.train: no such file"):
+    with pytest.raises(pkg.data.DataError, match="data.files.train: no such file"):
         pkg.loop.train(make_config(*toy_overrides, f"data.files.train='{missing}'"), tmp_path / "run")

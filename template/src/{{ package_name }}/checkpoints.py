@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from .config import KeepPolicy, MetricMode
+from .errors import UserError
 from .modeling import WEIGHTS_FILE
 from .records import to_json
 
@@ -26,7 +27,7 @@ STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without i
 PREFIX = "step_"
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(UserError, RuntimeError):
     """A checkpoint folder whose files do not match what was written."""
 
 
@@ -87,7 +88,10 @@ def read_record(path: Path) -> dict:
 def verify(path: Path) -> dict:
     """Return the checkpoint's record, or raise CorruptCheckpointError naming the bad files."""
     if not (path / STATE_FILE).is_file():
-        raise CorruptCheckpointError(f"{path} is not a complete checkpoint: it has no {STATE_FILE}")
+        raise CorruptCheckpointError(
+            f"{path} is not a complete checkpoint: it has no {STATE_FILE} (checkpoints are the folders "
+            f"<run folder>/checkpoints/{PREFIX}XXXXXXXX; an exported model folder is loaded with model.name_or_path)"
+        )
     try:
         record = read_record(path)
         expected = record["checksums"]

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 
 from . import checkpoints
+from .errors import UserError
 from .tasks.base import Task
 
 logger = get_logger(__name__)
@@ -36,7 +37,7 @@ TEMP_FOLDER = ".preflight_checkpoint"  # inside the run folder, removed after th
 UNSUPPORTED = {DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA}
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """A preflight check failed; the message names the check, what it expected, what it saw, the off switch."""
 
 

@@ -5,8 +5,10 @@ with the key and the list of valid values. Numeric ranges are declared next to e
 (`bounded`) and checked by `validate` before any model is built.
 """
 
+import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +17,8 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+from .errors import UserError, reported
 
 
 class MixedPrecision(Enum):
@@ -254,8 +258,41 @@ class SweepAppConfig(TrainConfig):
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that composes but makes no sense."""
+
+
+def _unknown_keys(node: DictConfig, prefix: str, everywhere: list) -> list:
+    """Keys that are not fields of the node's schema dataclass, as `+key=value` and `++key=value` add them (the
+    plain form fails at compose time), so a typo never passes silently. Free-form nodes (`task`, whose keys
+    build_task checks, and `model.config`) have no schema and are skipped. `everywhere` holds every key of the
+    schema, dotted, for a key given at the wrong level."""
+    schema = OmegaConf.get_type(node)
+    if not is_dataclass(schema):
+        return []
+    names = [f.name for f in fields(schema)]
+    problems = []
+    for key in node.keys():
+        if key == "hydra" or key in names:
+            continue
+        close = difflib.get_close_matches(str(key), names, n=1)
+        elsewhere = [path for path in everywhere if path.rsplit(".", 1)[-1] == key]
+        suggestion = prefix + close[0] if close else (elsewhere or [None])[0]
+        hint = f"did you mean {suggestion}?" if suggestion else f"the keys here are {names}"
+        problems.append(f"{prefix}{key} is not a config key: {hint}")
+    for name in names:
+        child = node._get_node(name)
+        if isinstance(child, DictConfig):
+            problems += _unknown_keys(child, f"{prefix}{name}.", everywhere)
+    return problems
+
+
+def _schema_keys(schema: Any, prefix: str = "") -> list:
+    """Every key of a schema dataclass, dotted: ["model._target_", ..., "trainer.max_steps", ...]."""
+    keys = []
+    for f in fields(schema):
+        keys += _schema_keys(f.type, f"{prefix}{f.name}.") if is_dataclass(f.type) else [prefix + f.name]
+    return keys
 
 
 def range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
@@ -286,7 +323,9 @@ def build_task(node: DictConfig) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(task_class), options))
     except ConfigKeyError as error:
         keys = [f.name for f in fields(task_class)]
-        raise ConfigError(f"task.{error.key} is not an option of {task_class.__name__}; it has {keys}") from None
+        close = difflib.get_close_matches(str(error.key), keys, n=1)
+        hint = f"did you mean task.{close[0]}?" if close else f"it has {keys}"
+        raise ConfigError(f"task.{error.key} is not an option of {task_class.__name__}: {hint}") from None
     except ValidationError as error:
         raise ConfigError(f"task.{error.key}: {str(error).splitlines()[0]}") from None
 
@@ -309,24 +348,51 @@ def _task_problems(cfg: DictConfig) -> list:
     return problems
 
 
+def model_folder(name_or_path: str) -> Path | None:
+    """The local folder that `model.name_or_path` names, or None for a hub id. A path that is not there is refused
+    here: transformers would take it for a hub id and fail with a repo id syntax or connection error."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        problem = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: {problem} (give a model folder, e.g. <run folder>/model, "
+            "or a hub id such as namespace/name)"
+        )
+    return None
+
+
 def _model_problems(model: DictConfig) -> list:
     if all(model[key] is None for key in ("_target_", "name_or_path", "model_type")):
         return [
             "model: set one of model._target_ (your own nn.Module), model.name_or_path (a hub id or a folder) "
             "and model.model_type (a transformers architecture from scratch), or pick one with model=<name>"
         ]
+    if model.name_or_path is not None:
+        try:
+            model_folder(model.name_or_path)
+        except ConfigError as error:
+            return [str(error)]
     return []
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad value, before any compute is spent."""
-    problems = range_problems(TrainConfig, cfg, "")
+    schema = OmegaConf.get_type(cfg)
+    problems = _unknown_keys(cfg, "", _schema_keys(schema)) if is_dataclass(schema) else []
+    problems += range_problems(TrainConfig, cfg, "")
     problems += _task_problems(cfg) + _model_problems(cfg.model)
     data = cfg.data
     if (data.name is None) == (data.files is None):
         problems.append(
             "data: set exactly one of data.name (a hub or built-in dataset) "
             "and data.files (local csv/json/parquet files or image folders per split)"
+        )
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
+        problems.append(
+            f"resume={cfg.resume}: no such folder; give a checkpoint folder (<run folder>/checkpoints/step_XXXXXXXX) "
+            "or resume=latest with hydra.run.dir=<run folder>"
         )
     fp16 = cfg.trainer.mixed_precision == MixedPrecision.fp16
     if fp16 and (cfg.trainer.cpu or not torch.cuda.is_available()):
@@ -342,11 +408,9 @@ class ValidateConfig(Callback):
     """Hydra callback: validate before Hydra creates the run folder, so a bad run leaves none."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
+        # Hydra turns exceptions in callbacks into warnings; `reported` exits (SystemExit), which really stops it.
+        with reported():
             validate(config)
-        except ConfigError as error:
-            # Hydra turns exceptions in callbacks into warnings; SystemExit really stops the run.
-            raise SystemExit(f"Error: {error}") from None
 
 
 def register_configs() -> None:

@@ -1,58 +1,121 @@
 """Loading what every task shares: local files, a hub dataset or a task's built-in one; the train/validation
 split; the dataloaders. What the examples hold (columns, tokens, pixels) is the task's business."""
 
+import json
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, DatasetDict, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
+from datasets.utils import logging as datasets_logging
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
+
+from .errors import UserError
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+class DataError(UserError, ValueError):
+    """A data file or dataset that cannot be used as it is; the message names the file, row and column."""
+
+
+def load_file(split: str, path: Path, file_format: str) -> Dataset:
+    """One split's file, or a DataError naming the file and, where it can, the line that is wrong."""
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its log of the parser error would come first
+    try:
+        return load_dataset(file_format, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps the parser's error (pandas, pyarrow) in its own
+        raise DataError(f"data.files.{split}={path}: {_file_problem(path, file_format, error)}") from error
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+
+
+def _file_problem(path: Path, file_format: str, error: Exception) -> str:
+    if not path.is_file():  # gone since load_raw looked
+        return "no such file"
+    if "corresponds to no data" in str(error) or path.stat().st_size == 0:
+        return "the file has no rows (is it empty, or only a header?)"
+    if file_format == "json":
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return f"line {number} is not valid JSON ({bad.msg}); a .jsonl file holds one JSON object a line"
+    cause = error.__cause__ or error
+    return f"cannot be read as {file_format}: {str(cause).strip()}"
+
+
 def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
-    """The dataset of the `data` config: local files per split, a task's built-in dataset, or a hub id."""
+    """The dataset of the `data` config: local files per split, a task's built-in dataset, or a hub id. Each split
+    records where it came from (`source`), for messages about its rows."""
     if cfg.files is not None:
         files = {split: Path(path).expanduser() for split, path in cfg.files.items()}
         for split, path in files.items():
             if not path.exists():
-                raise FileNotFoundError(f"data.files.{split}: no such file or folder: {path}")
+                raise DataError(f"data.files.{split}: no such file or folder: {path}")
         if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
-            return load_dataset("imagefolder", data_files={split: str(path / "**") for split, path in files.items()})
-        suffixes = {path.suffix.lower() for path in files.values()}
-        if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_FORMATS:
-            raise ValueError(
-                f"data.files must all have one of the extensions {sorted(FILE_FORMATS)}, or all be image folders; "
-                f"got {sorted(suffixes)}"
-            )
-        return load_dataset(FILE_FORMATS[suffixes.pop()], data_files={split: str(p) for split, p in files.items()})
-    if cfg.name in builtin:
-        return builtin[cfg.name]()
-    return load_dataset(cfg.name, cfg.subset)
+            raw = load_dataset("imagefolder", data_files={split: str(path / "**") for split, path in files.items()})
+        else:
+            suffixes = {path.suffix.lower() for path in files.values()}
+            if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_FORMATS:
+                raise DataError(
+                    f"data.files must all have one of the extensions {sorted(FILE_FORMATS)}, or all be image "
+                    f"folders; got {sorted(suffixes)}"
+                )
+            file_format = FILE_FORMATS[suffixes.pop()]
+            raw = DatasetDict({split: load_file(split, path, file_format) for split, path in files.items()})
+        sources = {split: f"data.files.{split}={path}" for split, path in files.items()}
+    else:
+        raw = builtin[cfg.name]() if cfg.name in builtin else load_dataset(cfg.name, cfg.subset)
+        sources = {split: f"split {split} of data.name={cfg.name}" for split in raw}
+    for split, dataset in raw.items():
+        dataset.info.description = sources[split]  # kept through map, cast and train_test_split
+    return raw
 
 
-def load_splits(cfg: DictConfig, builtin: dict, seed: int) -> DatasetDict:
+def source(dataset: Dataset) -> str:
+    """Where a split's rows came from: 'data.files.train=<path>', say (set by load_raw)."""
+    return dataset.info.description
+
+
+def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict) -> DatasetDict:
     """`train` and `validation` (held out of train when the dataset has no `data.eval_split`), then any other
-    split the dataset has (a test split, say)."""
+    split the dataset has (a test split, say). `columns` maps the task's config keys to the columns it needs:
+    every split must have them, without empty cells."""
     raw = load_raw(cfg, builtin)
     if cfg.train_split not in raw:
-        raise ValueError(f"data.train_split={cfg.train_split!r} is not a split of the dataset; it has {list(raw)}")
+        raise DataError(f"data.train_split={cfg.train_split!r} is not a split of the dataset; it has {list(raw)}")
+    for dataset in raw.values():
+        require_columns(dataset, columns)
     if cfg.eval_split in raw:
         splits = {"train": raw[cfg.train_split], "validation": raw[cfg.eval_split]}
     else:
         held_out = raw[cfg.train_split].train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        held_out["test"].info.description = f"{cfg.eval_fraction} held out of {source(raw[cfg.train_split])}"
         splits = {"train": held_out["train"], "validation": held_out["test"]}
     others = {name: split for name, split in raw.items() if name not in (cfg.train_split, cfg.eval_split)}
     return DatasetDict({**splits, **others})
 
 
-def require_columns(splits: DatasetDict, columns: dict) -> None:
-    """Fail naming the config key when a column is missing: `columns` maps config keys to column names."""
-    present = splits["train"].column_names
+def require_columns(dataset: Dataset, columns: dict) -> None:
+    """Fail naming the file and the config key when a column is missing or has an empty cell: `columns` maps
+    config keys to column names. Rows are counted from 1, after any header."""
+    present = dataset.column_names
     for key, column in columns.items():
         if column not in present:
-            raise ValueError(f"column {column!r} is not in the dataset; its columns are {present} (set {key})")
+            raise DataError(f"{source(dataset)} has no column {column!r}; its columns are {present} (set {key})")
+        cells = dataset.with_format("arrow")[column]  # Arrow: nothing decoded (images, say)
+        if cells.null_count:
+            row = pc.index(pc.is_null(cells), True).as_py() + 1
+            others = f" (and {cells.null_count - 1} more rows)" if cells.null_count > 1 else ""
+            raise DataError(
+                f"{source(dataset)}: row {row}{others} has an empty cell in column {column!r} ({key}); "
+                "fill it or drop the row"
+            )
 
 
 def make_dataloaders(datasets: DatasetDict, cfg: DictConfig, collate, seed: int):
@@ -77,6 +140,13 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
     """Make `column` a ClassLabel in every split (string or number labels get ids in sorted order) and return
     the label names. Refuses labels that the training split never shows, and a training split of one class:
     both would train to a model that cannot be right (`key` is the config key that names the column)."""
+    for split in splits.values():
+        fractions = [v for v in split.unique(column) if isinstance(v, float) and not v.is_integer()][:3]
+        if fractions:
+            raise DataError(
+                f"{source(split)}: column {column!r} ({key}) holds numbers with fractions, e.g. {fractions}; class "
+                "labels must be names or whole numbers (is it a regression target?)"
+            )
     feature = splits["train"].features[column]
     if isinstance(feature, ClassLabel):
         seen = {name: set(split.unique(column)) for name, split in splits.items()}
@@ -88,14 +158,18 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
         splits = splits.cast_column(column, Value("string")) if feature.dtype != "string" else splits
         splits = splits.map(lambda row: {column: label.str2int(row[column])}).cast_column(column, label)
         seen = {name: {label.str2int(value) for value in values} for name, values in seen.items()}
+    train = source(splits["train"])
     if len(seen["train"]) < 2:
-        raise ValueError(f"the training split has a single class in {key}={column!r}: {sorted(seen['train'])}")
+        raise DataError(
+            f"{train}: the training split has a single class in column {column!r} ({key}): "
+            f"{[names[i] for i in seen['train']]}; a classifier needs examples of at least two"
+        )
     for name, values in seen.items():
         unseen = sorted(values - seen["train"])
         if unseen:
-            names_unseen = [names[i] if isinstance(i, int) else i for i in unseen]
-            raise ValueError(
-                f"the {name} split has labels that the training split never shows ({key}={column!r}): {names_unseen}"
+            raise DataError(
+                f"{source(splits[name])}: the {name} split has labels in column {column!r} ({key}) that the "
+                f"training split ({train}) never shows: {[names[i] for i in unseen]}"
             )
     return splits, names
 

@@ -4,7 +4,10 @@
 own run folder from the clock; here the main process picks the name and sends it to the others before Hydra starts.
 """
 
+import os
 import secrets
+import shlex
+import sys
 from datetime import datetime
 
 import torch
@@ -12,7 +15,13 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, get_int_from_env, parse_flag_from_env
 from omegaconf import OmegaConf
 
+from .errors import UserError, process_rank
+
 _stamp = None  # this run's folder name, the same in every process once `share_run_stamp` ran
+
+
+class LaunchError(UserError):
+    """A launch that would not run as the processes it asked for."""
 
 
 def world_size() -> int:
@@ -48,6 +57,7 @@ def share_run_stamp() -> str:
     waits on other processes.
     """
     global _stamp
+    check_launch()
     if world_size() > 1:
         state = PartialState(cpu=use_cpu(parse_flag_from_env("ACCELERATE_USE_CPU")))
         stamp = [run_stamp() if state.is_main_process else None]
@@ -56,20 +66,34 @@ def share_run_stamp() -> str:
     return run_stamp()
 
 
-def rank() -> int:
-    """This process's rank among all the launched ones (0: the main process), known before any Accelerator exists."""
-    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes and got one.
+
+    `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) starts the script once, as a single
+    process, whatever N is: the run would finish as one process and only metrics.json would tell. Its launcher then
+    sets ACCELERATE_USE_CPU, and, because N > 1, MASTER_ADDR, but not WORLD_SIZE, which every launcher that really
+    starts several processes sets.
+    """
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
+    if launched_by_accelerate and "WORLD_SIZE" not in os.environ and world_size() == 1:
+        command = shlex.join(["accelerate", "launch", "--multi_gpu", "--num_processes", "N", *sys.argv])
+        raise LaunchError(
+            "accelerate launch started one process, not the several --num_processes asked for: without --multi_gpu, "
+            f"or with --cpu, it starts only one. Run N processes with:\n  {command}\n"
+            "(on a machine without GPUs they train together on the CPU)."
+        )
 
 
 def log_suffix() -> str:
     """'' for the main process, '_rank<N>' for the others: each process logs to its own file of the run folder."""
-    return f"_rank{rank()}" if rank() else ""
+    rank = process_rank()
+    return f"_rank{rank}" if rank else ""
 
 
 def gathered_ranks(accelerator) -> list:
     """Every process's rank, gathered from all of them: [0, 1, ..., N-1] when the launch trains as one group."""
     if accelerator.num_processes == 1 and world_size() > 1:
-        raise RuntimeError(
+        raise LaunchError(
             f"{world_size()} processes were launched but the Accelerator sees only its own: each would train alone. "
             "On a machine without GPUs the processes join one group on the CPU (see launch.use_cpu)."
         )

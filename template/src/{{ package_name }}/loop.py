@@ -30,6 +30,7 @@ from .config import (
     validate,
 )
 from .data import make_dataloaders, make_eval_dataloader
+from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
@@ -38,7 +39,7 @@ from .tasks.base import Task
 logger = get_logger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
@@ -353,34 +354,47 @@ def finish(run: Run, train_seconds: float) -> dict:
     return result
 
 
+def interrupted(run: Run) -> Interrupted:
+    """Ctrl-C: the step the run stopped at, and the checkpoint that `resume=latest` would continue from."""
+    saved = checkpoints.list_complete(run.run_dir / "checkpoints")
+    resume = (
+        f"`resume=latest hydra.run.dir={run.run_dir}` would continue from {saved[-1]}"
+        if saved
+        else "no checkpoint yet, so a rerun starts over (checkpoint.every_n_steps=N saves one every N steps)"
+    )
+    return Interrupted(f"interrupted (Ctrl-C) at step {run.state['step']} of {run.cfg.trainer.max_steps}; {resume}")
+
+
 def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`. `on_evaluation`
     is called with (step, metrics) after each evaluation during training; an exception it raises ends the run
     cleanly (trackers closed, memory freed) and reaches the caller."""
     run = setup(cfg, Path(run_dir))
     run.on_evaluation = on_evaluation
-    if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
-        run_preflight_checks(
-            cfg.checks,
-            run.accelerator,
-            run.task,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            run.train_dl,
-            run.eval_dl,
-            evaluate=lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0],
-            run_dir=run.run_dir,
-            trainer_state=run.state,
-            max_grad_norm=cfg.trainer.max_grad_norm,
-        )
-    start = time.perf_counter()
     try:
+        if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
+            run_preflight_checks(
+                cfg.checks,
+                run.accelerator,
+                run.task,
+                run.model,
+                run.optimizer,
+                run.scheduler,
+                run.train_dl,
+                run.eval_dl,
+                evaluate=lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0],
+                run_dir=run.run_dir,
+                trainer_state=run.state,
+                max_grad_norm=cfg.trainer.max_grad_norm,
+            )
+        start = time.perf_counter()
         losses = fit(run)
     except BaseException as error:
         end(run)  # the caller may start another run in this process (a sweep's next trial)
-        if run.accelerator.is_main_process:  # report.py shows why the run has no summary
+        if run.accelerator.is_main_process and (run.run_dir / METRICS_FILE).exists():  # report.py shows what ended it
             append_stop(run.run_dir / METRICS_FILE, run.state["step"], error)
+        if isinstance(error, KeyboardInterrupt):
+            raise interrupted(run) from None
         raise
     return {**finish(run, time.perf_counter() - start), "losses": losses}
 

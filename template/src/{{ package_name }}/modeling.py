@@ -2,18 +2,46 @@
 transformers architecture built from scratch (the `model` config says which; see config.ModelConfig)."""
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import ConfigError
+from .config import ConfigError, model_folder
 
 WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+@contextmanager
+def loading(name_or_path: str) -> Iterator[None]:
+    """What goes wrong while loading a model folder or hub id, as one message naming the key and the bad file."""
+    try:
+        yield
+    except SafetensorError as error:
+        folder = Path(name_or_path).expanduser()
+        bad = [str(path) for path in sorted(folder.glob("*.safetensors")) if not _readable(path)]
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: {', '.join(bad) or 'a weight file'} is truncated or corrupt "
+            f"({error}); export or copy the model again"
+        ) from None
+    except OSError as error:  # a folder without config.json, a hub id that is not there or not reachable
+        elsewhere = "" if Path(name_or_path).expanduser().exists() else "no such folder here, and from the hub: "
+        raise ConfigError(f"model.name_or_path={name_or_path}: {elsewhere}{error}") from None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
@@ -32,7 +60,9 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
         ) from None
     module = module_class(**kwargs)
     if cfg.name_or_path is not None:
-        module.load_state_dict(load_file(Path(cfg.name_or_path) / WEIGHTS_FILE))
+        folder = model_folder(cfg.name_or_path) or Path(cfg.name_or_path)
+        with loading(cfg.name_or_path):
+            module.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return module
 
 
@@ -43,9 +73,14 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     if cfg._target_ is not None:
         return build_own_module(cfg, scratch_kwargs)
     if cfg.name_or_path is not None:
-        if not Path(cfg.name_or_path).expanduser().exists() and cfg.name_or_path.startswith((".", "/", "~")):
-            raise ConfigError(f"model.name_or_path={cfg.name_or_path}: no such folder")
-        return auto_class.from_pretrained(cfg.name_or_path, **pretrained_kwargs)
+        folder = model_folder(cfg.name_or_path)
+        if folder is not None and not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model.name_or_path={cfg.name_or_path} has no config.json, so it is not a save_pretrained folder "
+                f"(weights of your own module, {WEIGHTS_FILE}, load with model._target_ set to its class)"
+            )
+        with loading(cfg.name_or_path):
+            return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
     config = AutoConfig.for_model(cfg.model_type, **{**OmegaConf.to_container(cfg.config), **scratch_kwargs})
     return auto_class.from_config(config)
 
@@ -53,10 +88,11 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model. A local folder without tokenizer files is refused: transformers would
     quietly build one that maps every text to unknown tokens."""
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    folder = model_folder(name_or_path)
+    if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(
             f"model.name_or_path={name_or_path} has no tokenizer files (one of {list(TOKENIZER_FILES)}): save the "
             "tokenizer into the model folder (tokenizer.save_pretrained(folder))"
         )
-    return AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else name_or_path)
+    with loading(name_or_path):
+        return AutoTokenizer.from_pretrained(str(folder or name_or_path))

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from . import checkpoints, launch
 from .config import ConfigError, to_container
+from .errors import process_rank
 
 LOCK_FILE = "run.lock"  # locked by the main process while a run uses the folder; it holds that run's pid and host
 OUTPUTS = ("model", "best_model", "metrics.json")  # what a run leaves besides checkpoints
@@ -181,7 +182,7 @@ class ClaimRunFolder(Callback):
         task_config = config.copy()
         with open_dict(task_config):
             del task_config["hydra"]
-        main = launch.rank() == 0
+        main = process_rank() == 0
         try:
             if main and (run_dir / LOCK_FILE).exists():  # a folder in use is refused as such (a new folder gets no
                 self.lock = acquire(run_dir)  # lock file before the checks pass: a refused run leaves no folder)

@@ -36,6 +36,7 @@ from .config import (
     to_container,
     validate,
 )
+from .errors import reported
 from .loop import EarlyStopping, NonFiniteLossError, train
 from .runs import flatten
 
@@ -192,10 +193,9 @@ class CheckSweep(Callback):
     the workers of a sweep share it; each trial has its own.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
+        # Hydra turns exceptions in callbacks into warnings; `reported` exits (SystemExit), which really stops it.
+        with reported():
             check(config, Path(os.path.abspath(config.hydra.run.dir)))
-        except ConfigError as error:
-            raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings
 
 
 def make_sampler(sweep: DictConfig, space: dict) -> optuna.samplers.BaseSampler:
