@@ -164,7 +164,7 @@ def check(cfg: DictConfig, sweep_dir: Path) -> dict:
     problems = range_problems(SweepConfig, sweep, "sweep.")
     space = search_space(sweep.params)
     if not space:
-        problems.append("sweep.params is empty: name the config keys to search, e.g. sweep=lr (configs/sweep/)")
+        problems.append("sweep.params is empty: name the config keys to search, as configs/sweep/default.yaml does")
     for key, dimension in space.items():
         problems += dimension_problems(key, dimension, sweep.sampler)
     if sweep.pruner != PrunerName.none and not cfg.trainer.eval_every_n_steps:
