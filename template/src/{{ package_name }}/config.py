@@ -64,6 +64,25 @@ class Tracker(Enum):
     none = "none"
 
 
+class SamplerName(Enum):
+    tpe = "tpe"  # Optuna's default: a model of which values did well, after n_startup_trials random ones
+    random = "random"
+    grid = "grid"  # every combination once (choices, or ranges with a step); the sweep ends when all are done
+
+
+class PrunerName(Enum):
+    none = "none"
+    median = "median"  # stop a trial whose metric is worse than the median of earlier trials at the same step
+    successive_halving = "successive_halving"
+    hyperband = "hyperband"
+
+
+class ParamType(Enum):
+    float = "float"
+    int = "int"
+    categorical = "categorical"
+
+
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None) -> Any:
     """A dataclass field whose value must be >= `ge` or > `gt` (checked by `validate`)."""
     return field(default=default, metadata={"ge": ge, "gt": gt})
@@ -205,6 +224,48 @@ class EvaluateConfig(TrainConfig):
     checkpoint_path: str | None = None
 
 
+@dataclass
+class SearchDimension:
+    """One swept config key: a float or int range from low to high (log-uniform with log: true, on a grid of `step`
+    when set), or a list of choices (type: categorical)."""
+
+    type: ParamType = ParamType.float
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+@dataclass
+class SweepConfig:
+    """sweep.py: an Optuna study over the training config (see configs/sweep/)."""
+
+    n_trials: int = bounded(20, ge=1)  # finished trials (complete or pruned) of the whole study, all workers together
+    sampler: SamplerName = SamplerName.tpe
+    pruner: PrunerName = PrunerName.median
+    seed: int | None = None  # the sampler's; leave null when several workers share the study (they would agree)
+    n_startup_trials: int = bounded(5, ge=0)  # trials before TPE models the results and the median pruner prunes
+    n_warmup_steps: int = bounded(0, ge=0)  # median pruner: no pruning before this optimizer step
+    # successive_halving and hyperband: the fewest optimizer steps a trial gets (null: trainer.eval_every_n_steps),
+    # and by how much each rung cuts the trials that go on.
+    min_resource: int | None = None
+    reduction_factor: int = bounded(3, ge=2)
+    # The search space: config keys (nested, or dotted) mapped to a SearchDimension, e.g.
+    # optimizer: {lr: {type: float, low: 1e-4, high: 1e-2, log: true}}.
+    params: dict[str, Any] = field(default_factory=dict)
+    # An Optuna storage URL (sqlite:///..., postgresql://...); null: study.db in the sweep's folder.
+    storage: str | None = None
+    study_name: str = "sweep"
+
+
+@dataclass
+class SweepAppConfig(TrainConfig):
+    """sweep.py: the training config of every trial, plus the sweep."""
+
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
 class ConfigError(UserError, ValueError):
     """A config value that composes but makes no sense."""
 
@@ -242,12 +303,12 @@ def _schema_keys(schema: Any, prefix: str = "") -> list:
     return keys
 
 
-def _range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
+def range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
     problems = []
     for f in fields(schema):
         value, key = node[f.name], prefix + f.name
         if is_dataclass(f.type):
-            problems += _range_problems(f.type, value, key + ".")
+            problems += range_problems(f.type, value, key + ".")
         elif f.metadata.get("ge") is not None and not value >= f.metadata["ge"]:
             problems.append(f"{key}={value} is out of range: it must be >= {f.metadata['ge']}")
         elif f.metadata.get("gt") is not None and not value > f.metadata["gt"]:
@@ -282,7 +343,7 @@ def _task_problems(cfg: DictConfig) -> list:
         task = build_task(cfg.task)
     except ConfigError as error:
         return [str(error)]
-    problems = _range_problems(type(task), OmegaConf.structured(task), "task.")
+    problems = range_problems(type(task), OmegaConf.structured(task), "task.")
     metrics = task.metrics
     monitor = cfg.checkpoint.monitor
     if monitor is not None and monitor not in metrics:
@@ -328,7 +389,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad value, before any compute is spent."""
     schema = OmegaConf.get_type(cfg)
     problems = _unknown_keys(cfg, "", _schema_keys(schema)) if is_dataclass(schema) else []
-    problems += _range_problems(TrainConfig, cfg, "")
+    problems += range_problems(TrainConfig, cfg, "")
     problems += _task_problems(cfg) + _model_problems(cfg.model)
     data = cfg.data
     if (data.name is None) == (data.files is None):
@@ -368,6 +429,7 @@ class ValidateConfig(Callback):
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+    ConfigStore.instance().store(name="sweep_schema", node=SweepAppConfig)
 
 
 def to_container(cfg: DictConfig) -> dict:

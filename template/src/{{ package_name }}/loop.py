@@ -4,6 +4,7 @@ and finish. The loop knows the task contract (tasks/base.py), never a task by na
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from .config import (
 )
 from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
-from .metrics_log import MetricsFile, Throughput, append_summary
+from .metrics_log import MetricsFile, Throughput, append_stop, append_summary
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task
@@ -168,6 +169,9 @@ class Run:
     state: dict
     resumed_from: Path | None
     ranks: list  # every process's rank, gathered: [0, ..., N-1] when the launch trains as one group
+    # Called with (step, metrics) after each evaluation during training; what it raises ends the run (a sweep's
+    # pruner stops a losing trial so).
+    on_evaluation: Callable[[int, dict], None] | None = None
 
 
 def new_state(seed: int) -> dict:
@@ -262,6 +266,8 @@ def evaluate_and_decide(run: Run) -> None:
     accelerator, state, step = run.accelerator, run.state, run.state["step"]
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=step)
+    if run.on_evaluation is not None:
+        run.on_evaluation(step, state["metrics"])
     if accelerator.is_main_process:
         samples = run.task.samples(accelerator.unwrap_model(run.model), run.eval_dl.dataset)
         if samples:
@@ -312,6 +318,16 @@ def fit(run: Run) -> list:
     return step_losses
 
 
+def end(run: Run) -> None:
+    """Close the trackers (metrics.jsonl keeps every line logged) and free the model and the accelerator's memory."""
+    # Free the DDP-wrapped model before end_training destroys the process group. Otherwise its reducer holds the
+    # group's last reference and destroys it when train() returns, joining gloo's threads while holding the GIL
+    # they may need: a hang at exit, seen about once in ten 2-process CPU runs.
+    run.accelerator.free_memory()
+    run.model = None
+    run.accelerator.end_training()
+
+
 def finish(run: Run, train_seconds: float, started: float) -> dict:
     """Evaluate the final model, export it, end the trackers and write metrics.json (`started`: the perf_counter
     when the run began)."""
@@ -319,12 +335,7 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
     checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model")
-    # Free the DDP-wrapped model before end_training destroys the process group. Otherwise its reducer holds the
-    # group's last reference and destroys it when train() returns, joining gloo's threads while holding the GIL
-    # they may need: a hang at exit, seen about once in ten 2-process CPU runs.
-    accelerator.free_memory()
-    run.model = None
-    accelerator.end_training()
+    end(run)
     result = {
         "step": state["step"],
         "metrics": state["metrics"],
@@ -360,18 +371,27 @@ def interrupted(run: Run) -> Interrupted:
     return Interrupted(f"interrupted (Ctrl-C) at step {run.state['step']} of {run.cfg.trainer.max_steps}; {resume}")
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`."""
+def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
+    """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`. `on_evaluation`
+    is called with (step, metrics) after each evaluation during training; an exception it raises ends the run
+    cleanly (trackers closed, memory freed) and reaches the caller."""
     started = time.perf_counter()
     run = setup(cfg, Path(run_dir))
+    run.on_evaluation = on_evaluation
     try:
         if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
             run_preflight_checks(run, lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0])
         start = time.perf_counter()
         losses = fit(run)
         return {**finish(run, time.perf_counter() - start, started), "losses": losses}
-    except KeyboardInterrupt:
-        raise interrupted(run) from None
+    except BaseException as error:
+        if run.model is not None:  # not ended yet: the caller may start another run in this process (a sweep)
+            end(run)
+        if run.accelerator.is_main_process and (run.run_dir / METRICS_FILE).exists():  # report.py shows what ended it
+            append_stop(run.run_dir / METRICS_FILE, run.state["step"], error)
+        if isinstance(error, KeyboardInterrupt):
+            raise interrupted(run) from None
+        raise
 
 
 def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:

@@ -37,6 +37,12 @@ def append_summary(path: Path, result: dict) -> None:
     append_line(path, {"step": result["step"], "time": round(time.time(), 3), "summary": result})
 
 
+def append_stop(path: Path, step: int, error: BaseException) -> None:
+    """The last line of a run that an exception ended (a sweep's pruner, a non-finite loss, Ctrl-C): what ended it."""
+    stop = {"stopped_by": type(error).__name__, "reason": str(error).splitlines()[0] if str(error) else ""}
+    append_line(path, {"step": step, "time": round(time.time(), 3), **stop})
+
+
 class MetricsFile(GeneralTracker):
     """An Accelerate tracker that writes every logged set of numbers as a JSON line (on the main process only, as
     Accelerate calls trackers). Text (generated samples) stays with the other trackers."""

@@ -94,5 +94,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"model.name_or_path={name_or_path} has no tokenizer files (one of {list(TOKENIZER_FILES)}): save the "
             "tokenizer into the model folder (tokenizer.save_pretrained(folder))"
         )
+    return load_processor(AutoTokenizer, name_or_path)
+
+
+def load_processor(auto_class, name_or_path: str):
+    """What was saved beside a model's weights (its tokenizer, image processor, ...) through `auto_class`, with the
+    same messages as the model's own loading."""
+    folder = model_folder(name_or_path)
     with loading(name_or_path):
-        return AutoTokenizer.from_pretrained(str(folder or name_or_path))
+        return auto_class.from_pretrained(str(folder or name_or_path))

@@ -277,7 +277,7 @@ def main(project: Path, argv: list | None = None) -> int:
         description="Train each hypothesis at the proxy and at the full budget (reusing finished runs) and report "
         "how well the proxy ranking matches the full one.",
     )
-    parser.add_argument("overrides", nargs="*", help="train.py overrides of every run, e.g. task=image_classification")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides of every run, e.g. data.batch_size=16")
     parser.add_argument("--plan", type=Path, default=project / "configs" / "rank_check" / "default.yaml")
     parser.add_argument(
         "--hypothesis",

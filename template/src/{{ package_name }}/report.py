@@ -33,7 +33,7 @@ def row(run, label: dict, monitor: str, mode: str) -> dict:
     peaks = [line.get("perf/peak_gpu_memory_gb", line.get("perf/peak_rss_gb")) for line in run.train]
     last = (run.train + run.evals)[-1] if run.train or run.evals else {}
     if run.summary is None:
-        status = "unfinished"
+        status = run.stopped_by or "unfinished"  # TrialPruned: a sweep's pruner stopped it
     else:
         status = "stopped early" if run.summary["stopped_early"] else "done"
     return {

@@ -27,6 +27,7 @@ class RunRecord:
     train: list = field(default_factory=list)  # the lines of logged training steps, in step order
     evals: list = field(default_factory=list)  # the lines of evaluations, in step order
     summary: dict | None = None  # what metrics.json holds; None while the run goes on, or if it failed
+    stopped_by: str | None = None  # the exception that ended the run, when the file ends with it (metrics_log)
 
     def metric(self, name: str) -> list:
         """(step, value) of an evaluation metric (`eval/<name>` in the file) over the run."""
@@ -52,7 +53,10 @@ def find_runs(paths: list) -> tuple:
                 "as `python train.py` writes them)"
             )
         found += [run for run in runs if run not in found]
-        silent += [folder for folder in below if folder not in runs and folder not in silent]
+        # A folder with runs below it is a sweep's (it has a .hydra of its own), not a run that failed.
+        silent += [
+            folder for folder in below if folder not in runs + silent and not any(folder in run.parents for run in runs)
+        ]
     return found, silent
 
 
@@ -97,6 +101,7 @@ def load_run(folder: Path) -> RunRecord:
         train=latest_per_step([line for line in lines if "train/loss" in line]),
         evals=latest_per_step([line for line in lines if any(key.startswith("eval/") for key in line)]),
         summary=summaries[-1] if summaries else None,
+        stopped_by=lines[-1].get("stopped_by") if lines else None,
     )
 
 

@@ -1,0 +1,336 @@
+"""sweep.py: an Optuna study over `loop.train`. Each trial is a run folder (trial_NNN) inside the sweep's folder; it
+reports the monitored metric at each evaluation, and the pruner stops the clearly losing ones.
+
+The study lives in a storage (study.db in the sweep's folder unless sweep.storage names another): run sweep.py again
+on the same folder and it goes on where it stopped; start it on several machines or processes with the same folder
+(or the same storage URL) and they share the trials.
+"""
+
+import os
+import time
+import warnings
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import launch
+from .checks import PreflightError
+from .config import (
+    ConfigError,
+    ParamType,
+    PrunerName,
+    SamplerName,
+    SearchDimension,
+    SweepConfig,
+    TrainConfig,
+    build_task,
+    range_problems,
+    to_container,
+    validate,
+)
+from .errors import reported
+from .loop import EarlyStopping, NonFiniteLossError, train
+from .runs import flatten
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+# Training keys that a resumed sweep, or a joining worker, may set otherwise: they change how a trial is logged or
+# checked, not what it learns (any other change makes its trials incomparable with the study's).
+JOIN_SAFE = (
+    "resume_allow",
+    "trainer.log_with",
+    "trainer.tracker_project",
+    "trainer.log_every_n_steps",
+    "trainer.cpu",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "checks",
+)
+
+
+def search_space(params: DictConfig, prefix: str = "") -> dict:
+    """{config key: SearchDimension} from sweep.params, whose keys nest (optimizer: {lr: ...}) or are dotted."""
+    space = {}
+    for key, value in params.items():
+        path = f"{prefix}{key}"
+        if not isinstance(value, DictConfig):
+            raise ConfigError(
+                f"sweep.params.{path}={value}: expected a search dimension such as "
+                "{type: float, low: 1e-4, high: 1e-2, log: true} or {type: categorical, choices: [16, 32]}"
+            )
+        if not isinstance(value.get("type"), str):  # a config group: the dimensions are below
+            space.update(search_space(value, path + "."))
+            continue
+        try:
+            dimension = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchDimension), value))
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"sweep.params.{path}: {str(error).splitlines()[0]}") from None
+        space[path] = dimension
+    return space
+
+
+def dimension_problems(key: str, dimension: SearchDimension, sampler: SamplerName) -> list:
+    where = f"sweep.params.{key}"
+    if dimension.type == ParamType.categorical:
+        return [] if dimension.choices else [f"{where}: type categorical needs a non-empty list of choices"]
+    if dimension.low is None or dimension.high is None or not dimension.low <= dimension.high:
+        return [f"{where}: type {dimension.type.value} needs low <= high (it has {dimension.low} and {dimension.high})"]
+    if dimension.log and dimension.low <= 0:
+        return [f"{where}: log: true needs low > 0"]
+    if sampler == SamplerName.grid and dimension.step is None:
+        return [f"{where}: sampler=grid needs a step for a {dimension.type.value} range, or type categorical"]
+    return []
+
+
+def grid_values(dimension: SearchDimension) -> list:
+    if dimension.type == ParamType.categorical:
+        return list(dimension.choices)
+    count = int(round((dimension.high - dimension.low) / dimension.step)) + 1
+    values = [dimension.low + i * dimension.step for i in range(count)]
+    return [int(value) for value in values] if dimension.type == ParamType.int else values
+
+
+def suggest(trial: optuna.Trial, key: str, dimension: SearchDimension) -> Any:
+    if dimension.type == ParamType.categorical:
+        return trial.suggest_categorical(key, list(dimension.choices))
+    if dimension.type == ParamType.int:
+        low, high, step = int(dimension.low), int(dimension.high), int(dimension.step or 1)
+        return trial.suggest_int(key, low, high, step=step, log=dimension.log)
+    return trial.suggest_float(key, dimension.low, dimension.high, step=dimension.step, log=dimension.log)
+
+
+def training_config(cfg: DictConfig) -> DictConfig:
+    """The training part of sweep.py's config (everything but `sweep`), typed as train.py's."""
+    names = [f.name for f in fields(TrainConfig)]
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.masked_copy(cfg, names))
+
+
+def trial_config(base: DictConfig, values: dict) -> DictConfig:
+    """The base training config with a trial's values, validated like any run's config."""
+    cfg = base.copy()
+    for key, value in values.items():
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"sweep.params.{key}: {str(error).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def saved_config(sweep: DictConfig, sweep_dir: Path) -> dict | None:
+    """The training config that the study's first worker recorded, if the study exists."""
+    if sweep.storage is None and not (sweep_dir / "study.db").is_file():
+        return None
+    try:
+        study = optuna.load_study(study_name=sweep.study_name, storage=connect(storage_url(sweep, sweep_dir)))
+        return study.user_attrs["config"]
+    except KeyError:  # no such study yet, or one that another program created
+        return None
+
+
+def check_joined(cfg: DictConfig, sweep_dir: Path, space: dict) -> None:
+    """A sweep that resumes, or a worker that joins, trains its trials as the study's earlier ones were trained:
+    refuse other training values (the search space, the sampler, the pruner and n_trials may change)."""
+    saved = saved_config(cfg.sweep, sweep_dir)
+    if saved is None:
+        return
+    old, new = flatten(saved), flatten(to_container(training_config(cfg)))
+    allowed = [*space, *JOIN_SAFE, *cfg.resume_allow]
+    changed = [
+        f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not any(key == a or key.startswith(a + ".") for a in allowed)
+    ]
+    if changed:
+        raise ConfigError(
+            f"the study {cfg.sweep.study_name} in {storage_url(cfg.sweep, sweep_dir)} trained its trials with other "
+            "values, and its trials would not compare:\n  " + "\n  ".join(changed) + "\nRun it with the study's "
+            "values; or start a new sweep (another hydra.run.dir, or sweep.study_name); or accept the change on "
+            f"purpose: resume_allow=[{','.join(change.split(':')[0] for change in changed)}]"
+        )
+
+
+def check(cfg: DictConfig, sweep_dir: Path) -> dict:
+    """Refuse a sweep config that could not run (before any folder or trial exists), or that would join a study of
+    other training values; return its search space."""
+    sweep = cfg.sweep
+    problems = range_problems(SweepConfig, sweep, "sweep.")
+    space = search_space(sweep.params)
+    if not space:
+        problems.append("sweep.params is empty: name the config keys to search, as configs/sweep/default.yaml does")
+    for key, dimension in space.items():
+        problems += dimension_problems(key, dimension, sweep.sampler)
+    if sweep.pruner != PrunerName.none and not cfg.trainer.eval_every_n_steps:
+        problems.append(
+            f"sweep.pruner={sweep.pruner.value} needs evaluations during training to compare trials: "
+            "set trainer.eval_every_n_steps, or sweep.pruner=none"
+        )
+    if launch.world_size() > 1:
+        problems.append(
+            "sweep.py runs each trial in one process: start it with python, not accelerate launch or torchrun "
+            "(several workers: start several sweep.py on the same folder)"
+        )
+    if problems:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(problems))
+    base = training_config(cfg)
+    for key, dimension in space.items():  # every end of every range, and every choice, must make a valid run
+        ends = dimension.choices if dimension.type == ParamType.categorical else [dimension.low, dimension.high]
+        for value in map(int, ends) if dimension.type == ParamType.int else ends:
+            trial_config(base, {key: value})
+    check_joined(cfg, sweep_dir, space)
+    return space
+
+
+class CheckSweep(Callback):
+    """Hydra callback: refuse a sweep that could not run before Hydra creates its folder. (No lock on the folder:
+    the workers of a sweep share it; each trial has its own.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns exceptions in callbacks into warnings; `reported` exits (SystemExit), which really stops it.
+        with reported():
+            check(config, Path(os.path.abspath(config.hydra.run.dir)))
+
+
+def make_sampler(sweep: DictConfig, space: dict) -> optuna.samplers.BaseSampler:
+    if sweep.sampler == SamplerName.grid:
+        return optuna.samplers.GridSampler({key: grid_values(dim) for key, dim in space.items()}, seed=sweep.seed)
+    if sweep.sampler == SamplerName.random:
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    return optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.n_startup_trials)
+
+
+def make_pruner(sweep: DictConfig, trainer: DictConfig) -> optuna.pruners.BasePruner:
+    """The pruner, counting resources in optimizer steps (the steps at which trials report)."""
+    min_steps, factor = sweep.min_resource or trainer.eval_every_n_steps, sweep.reduction_factor
+    if sweep.pruner == PrunerName.median:
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.n_startup_trials, n_warmup_steps=sweep.n_warmup_steps)
+    if sweep.pruner == PrunerName.successive_halving:
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_steps, reduction_factor=factor)
+    if sweep.pruner == PrunerName.hyperband:
+        return optuna.pruners.HyperbandPruner(min_steps, max_resource=trainer.max_steps, reduction_factor=factor)
+    return optuna.pruners.NopPruner()
+
+
+def storage_url(sweep: DictConfig, sweep_dir: Path) -> str:
+    return sweep.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+
+
+def connect(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The study's storage. A trial whose process died (no heartbeat for two minutes) is marked failed and run again
+    with the same values. Workers started together race to create the tables of a new database (one of them fails on
+    a unique constraint): the loser tries again and finds them made."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental; they have been in Optuna since 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=60,
+                    grace_period=120,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+def open_study(cfg: DictConfig, sweep_dir: Path, base: DictConfig, space: dict, direction: str) -> optuna.Study:
+    """Create the study, or join it if it exists (a resumed sweep, or another worker)."""
+    study = optuna.create_study(
+        storage=connect(storage_url(cfg.sweep, sweep_dir)),
+        study_name=cfg.sweep.study_name,
+        direction="minimize" if direction == "min" else "maximize",
+        sampler=make_sampler(cfg.sweep, space),
+        pruner=make_pruner(cfg.sweep, cfg.trainer),
+        load_if_exists=True,
+    )
+    if "config" not in study.user_attrs:  # what the workers that join later must train with (check_joined)
+        study.set_user_attr("config", to_container(base))
+    return study
+
+
+def write_trial_config(trial_dir: Path, cfg: DictConfig, values: dict) -> None:
+    """The trial's config and overrides where train.py's Hydra writes them, so report.py reads a trial as a run."""
+    hydra_dir = trial_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_container(cfg)))
+    (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump([f"{key}={value}" for key, value in values.items()]))
+
+
+def described(values: dict) -> str:
+    """A trial's values as overrides, floats to 4 significant digits (its .hydra/overrides.yaml has them whole)."""
+    shown = {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in values.items()}
+    return " ".join(f"{key}={value}" for key, value in shown.items())
+
+
+class Objective:
+    """One trial: sample the values, train in the trial's own folder, report each evaluation, return the metric."""
+
+    def __init__(self, base: DictConfig, space: dict, sweep_dir: Path, monitor: str):
+        self.base, self.space, self.sweep_dir, self.monitor = base, space, sweep_dir, monitor
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
+        cfg = trial_config(self.base, values)
+        trial_dir = self.sweep_dir / f"trial_{trial.number:03d}"
+        write_trial_config(trial_dir, cfg, values)
+        print(f"trial {trial.number}: {described(values)} in {trial_dir}")
+
+        def report(step: int, metrics: dict) -> None:
+            trial.report(metrics[self.monitor], step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{self.monitor} {metrics[self.monitor]:.4g} at step {step}")
+
+        launch.reset_accelerate_state()
+        try:
+            result = train(cfg, trial_dir, on_evaluation=report)
+        finally:
+            launch.reset_accelerate_state()
+        return result["metrics"][self.monitor]
+
+
+def summary(study: optuna.Study, monitor: str) -> str:
+    """The study's trials, one line each (a pruned trial: its last reported value), and the best one."""
+    lines = [f"{'trial':>5}  {'state':8}  {monitor:>10}  {'last report':>11}  values"]
+    for trial in study.trials:
+        step = max(trial.intermediate_values, default=None)
+        value = trial.value if trial.value is not None else trial.intermediate_values.get(step)
+        shown = "-" if value is None else f"{value:.4g}"
+        state = trial.state.name
+        lines.append(f"{trial.number:>5}  {state:8}  {shown:>10}  {step or '-':>11}  {described(trial.params)}")
+    if any(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials):
+        best = study.best_trial
+        lines.append(f"best: trial {best.number}, {monitor} {best.value:.4g}: {described(best.params)}")
+    return "\n".join(lines)
+
+
+def run_sweep(cfg: DictConfig, sweep_dir: Path) -> optuna.Study:
+    """Run trials until the study holds sweep.n_trials finished ones (all workers together), then print them."""
+    space = check(cfg, sweep_dir)
+    base = training_config(cfg)
+    stopping = EarlyStopping.from_config(base, build_task(base.task))  # the monitored metric, and which way is better
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from this module instead
+    study = open_study(cfg, sweep_dir, base, space, stopping.mode.value)
+    remaining = cfg.sweep.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    print(f"study {study.study_name} in {storage_url(cfg.sweep, sweep_dir)}: {len(study.trials)} trials so far")
+    if remaining > 0:
+        study.optimize(
+            Objective(base, space, sweep_dir, stopping.metric),
+            n_trials=remaining,
+            # Other workers finish trials too: stop when the study as a whole has enough.
+            callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED)],
+            # A trial that diverges, or whose values fail a preflight check (too low a learning rate to overfit a
+            # batch, say), fails; the sweep goes on.
+            catch=(NonFiniteLossError, PreflightError),
+            gc_after_trial=True,
+        )
+    print(summary(study, stopping.metric))
+    print(f"compare the trials: python report.py {sweep_dir}")
+    return study

@@ -1,0 +1,81 @@
+"""The mistakes table's row type and the helpers that prepare a row's folder; test_mistakes.py holds the rows every
+project has, and each task's test file (tests/test_task_<task>.py) the rows of its own, in `MISTAKES`."""
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conftest import run_in_process
+
+TOY = "<toy>"  # in a row's args: the default task's toy overrides go here
+
+
+@dataclass
+class Mistake:
+    name: str
+    args: list  # Hydra overrides; "{tmp}" is the row's own folder, TOY the toy run's overrides
+    message: str  # a fragment the output must contain
+    code: int = 1  # the exit status
+    script: str = "train.py"
+    # Writes what the row needs into its folder before the command (a run to resume, a broken file, ...).
+    prepare: Callable | None = None
+    subprocess: bool = False  # a real process: for what only one shows (a launcher, signals, a second import)
+    on_disk: list = field(default_factory=list)  # paths under {tmp} that must exist afterwards
+    task: str | None = None  # the task whose toy TOY stands for (set for the rows of a task's file); None: the default
+    launcher: list = field(default_factory=list)  # runs `<launcher> script args` (a subprocess), e.g. accelerate
+    interrupt_after: str | None = None  # Ctrl-C (SIGINT) once the output shows this line (a subprocess)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def train_script_first(*args: str, cut_short: str | None = None) -> Callable:
+    """A `prepare` that runs train.py on the toy run into {tmp}/run first (plus `args`): the mistake's run folder,
+    with what Hydra writes too (.hydra/config.yaml, train.log); then cuts the run's file `cut_short` to half."""
+
+    def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
+        code, output = run_in_process(
+            "train.py", [*toy, *[a.format(tmp=tmp) for a in args], f"hydra.run.dir={tmp / 'run'}"]
+        )
+        assert code == 0, output
+        if cut_short:
+            truncate(tmp / "run" / cut_short)
+
+    return prepare
+
+
+def write(files: dict) -> Callable:
+    """A `prepare` that writes these files (name -> text) into the row's folder."""
+
+    def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+
+    return prepare
+
+
+def copy_toy_model(keep: tuple | None = None, drop: tuple = (), cut_short: str | None = None) -> Callable:
+    """A `prepare` that copies the toy's saved model into {tmp}/model: only the files `keep` names (all if None)
+    but those `drop` names; then cuts the file `cut_short` to half its size."""
+
+    def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
+        source = next(arg.split("=", 1)[1].strip("'") for arg in toy if arg.startswith("model.name_or_path="))
+        left_out = [name for name in os.listdir(source) if name in drop or (keep is not None and name not in keep)]
+        shutil.copytree(source, tmp / "model", ignore=lambda *_: left_out)
+        if cut_short:
+            truncate(tmp / "model" / cut_short)
+
+    return prepare
+
+
+def without_tokenizer() -> "Mistake":
+    """The row of a task that loads the tokenizer saved with the model: a model folder without one is refused."""
+    return Mistake(
+        "model folder without tokenizer",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "/model has no tokenizer files",
+        prepare=copy_toy_model(keep=("config.json", "model.safetensors", "generation_config.json")),
+    )

@@ -1,0 +1,136 @@
+"""sweep.py, run as a user would (in this process): an Optuna study of toy runs, each a run folder in the sweep's
+folder; a pruner that provably prunes, a sweep that resumes where it stopped, and report.py on the sweep's folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from conftest import PROJECT_ROOT, run_in_process
+
+STEPS = [
+    "trainer.max_steps=12",
+    "trainer.eval_every_n_steps=4",
+    "trainer.log_every_n_steps=2",
+    "checks.enabled=false",  # the overfit_batch check fails at the tiny learning rates these trials use on purpose
+    "checkpoint.monitor=loss",  # falls at every evaluation of a learning run, whatever the task
+]
+LR_ONLY = [  # the learning rate, from far too low to high; the default space's weight decay left out
+    "sweep.params.optimizer.lr.low=1e-8",
+    "sweep.params.optimizer.lr.high=1e-1",
+    "~sweep.params.optimizer.weight_decay",
+]
+
+
+def lines_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def study_of(folder):
+    return optuna.load_study(study_name="sweep", storage=f"sqlite:///{folder / 'study.db'}")
+
+
+def sweep(folder, toy_overrides, capsys, *overrides):
+    args = [*toy_overrides, *STEPS, *LR_ONLY, f"hydra.run.dir={folder}", *overrides]
+    code, output = run_in_process("sweep.py", args, capsys)
+    assert code == 0, output
+    return output
+
+
+def test_the_median_pruner_stops_trials_that_learn_nothing(toy_overrides, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    # Another client of the study's storage queues the trials in a known order (sweep.py joins the existing study):
+    # two learning rates that learn, then two that barely move the weights.
+    queue = optuna.create_study(study_name="sweep", storage=f"sqlite:///{folder / 'study.db'}", direction="minimize")
+    for lr in (3e-3, 1e-2, 1e-8, 1e-7):
+        queue.enqueue_trial({"optimizer.lr": lr})
+    pruner = ["sweep.pruner=median", "sweep.n_startup_trials=2", "sweep.n_trials=4", "sweep.sampler=random"]
+    output = sweep(folder, toy_overrides, capsys, *pruner)
+
+    trials = study_of(folder).trials
+    assert [trial.params["optimizer.lr"] for trial in trials] == [3e-3, 1e-2, 1e-8, 1e-7]
+    assert [trial.state.name for trial in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    for trial in trials:  # each a run folder with its config and its metrics, as far as it ran
+        run_dir = folder / f"trial_{trial.number:03d}"
+        assert (run_dir / ".hydra" / "config.yaml").is_file()
+        steps = [line["step"] for line in lines_of(run_dir) if "eval/loss" in line]
+        if trial.state.name == "PRUNED":  # stopped at its first evaluation, worse than both finished trials there
+            assert steps == [4] and not (run_dir / "metrics.json").exists()
+            assert lines_of(run_dir)[-1]["stopped_by"] == "TrialPruned"
+            finished_at_4 = [finished.intermediate_values[4] for finished in trials[:2]]
+            assert trial.intermediate_values[4] > max(finished_at_4)
+        else:
+            assert steps == [4, 8, 12, 12] and lines_of(run_dir)[-1]["summary"]["step"] == 12
+    assert "PRUNED" in output and "best: trial" in output
+
+    # report.py reads the sweep's folder like a multirun's: one row per trial, the learning rate as what differs.
+    code, output = run_in_process("report.py", [str(folder), "--out", str(tmp_path / "report")], capsys)
+    assert code == 0, output
+    assert "4 runs by loss" in output and "no metrics.jsonl" not in output
+    rows = output.splitlines()[2:6]
+    assert [row.split()[0] for row in rows[:2]] == ["trial_001", "trial_000"]  # the finished ones, best first
+    assert all("optimizer.lr=" in row for row in rows) and (tmp_path / "report" / "curves.png").is_file()
+    assert [row.split()[-1] for row in rows] == ["done", "done", "TrialPruned", "TrialPruned"]
+
+
+def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    fast = ["sweep.pruner=none", "sweep.sampler=random", "sweep.seed=0", "trainer.max_steps=4"]
+    sweep(folder, toy_overrides, capsys, *fast, "sweep.n_trials=2")
+    first = {name: (folder / name / "metrics.jsonl").read_text() for name in ("trial_000", "trial_001")}
+
+    output = sweep(folder, toy_overrides, capsys, *fast, "sweep.n_trials=4")  # the same folder: the same study
+    assert "2 trials so far" in output
+    trials = study_of(folder).trials
+    assert [trial.number for trial in trials] == [0, 1, 2, 3]
+    assert all(trial.state.name == "COMPLETE" for trial in trials)
+    assert sorted(path.name for path in folder.glob("trial_*")) == [f"trial_00{n}" for n in range(4)]
+    assert {name: (folder / name / "metrics.jsonl").read_text() for name in first} == first  # not run again
+
+    output = sweep(folder, toy_overrides, capsys, *fast, "sweep.n_trials=4")  # nothing left to do
+    assert "4 trials so far" in output and len(study_of(folder).trials) == 4
+
+    # Trials of another seed would not compare with the study's: refused, the folder as it was.
+    hydra_config = (folder / ".hydra" / "config.yaml").read_text()
+    args = [*toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}", "sweep.n_trials=5", "trainer.seed=1"]
+    code, output = run_in_process("sweep.py", args, capsys)
+    assert code != 0 and "trainer.seed: 42 -> 1" in output and "Traceback" not in output
+    assert len(study_of(folder).trials) == 4 and (folder / ".hydra" / "config.yaml").read_text() == hydra_config
+
+
+def test_two_workers_share_one_study(toy_overrides, tmp_path):
+    folder = tmp_path / "sweep"
+    fast = ["sweep.pruner=none", "sweep.sampler=random", "trainer.max_steps=4", "sweep.n_trials=2"]
+    command = [sys.executable, "sweep.py", *toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    workers = [subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, **output) for _ in range(2)]  # started together
+    outputs = [worker.communicate()[0].decode() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+
+    trials = study_of(folder).trials
+    # Each worker stops once the study holds 2 finished trials; the other may be finishing one of its own by then.
+    assert all(trial.state.name == "COMPLETE" for trial in trials) and 2 <= len(trials) <= 3
+    assert sorted(path.name for path in folder.glob("trial_*")) == [f"trial_{n:03d}" for n in range(len(trials))]
+    assert all((folder / f"trial_{n:03d}" / "metrics.json").is_file() for n in range(len(trials)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sweep.pruner=medain"], "Invalid value 'medain'"),
+        (["sweep.params.optimizer.lr.low=-1"], "sweep.params.optimizer.lr: log: true needs low > 0"),
+        (["sweep.params.optimizer.lr.log=false", "sweep.params.optimizer.lr.low=0"], "optimizer.lr=0.0 is out of"),
+        (["sweep.sampler=grid"], "sweep.params.optimizer.lr: sampler=grid needs a step"),
+        (["trainer.eval_every_n_steps=0"], "sweep.pruner=median needs evaluations during training"),
+        (["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"], "optimizer.lrr"),
+    ],
+)
+def test_a_sweep_that_cannot_run_says_why_and_leaves_no_folder(overrides, message, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    code, output = run_in_process("sweep.py", [f"hydra.run.dir={folder}", *overrides], capsys)
+    assert code != 0 and message in output, output
+    assert "Traceback" not in output and not folder.exists()
