@@ -6,6 +6,7 @@ import importlib
 import logging
 import re
 import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,8 +135,14 @@ def test_gradient_flow_warns_of_an_unused_parameter_and_fails_on_one_cut_off(toy
     assert "trainer.find_unused_parameters=true" in caplog.text
 
     # A bug: the first layer's output is detached, so its weights shape the loss but get no gradient.
+    # (Its weights must be its own: an embedding tied to the output layer would still get a gradient there.)
     layers = list(model.modules())[1:]  # not the model itself, which now holds `unused`
-    first = next(module for module in layers if next(module.parameters(recurse=False), None) is not None)
+    owners = Counter(id(parameter) for module in layers for parameter in module.parameters(recurse=False))
+    first = next(
+        module
+        for module in layers
+        if (own := list(module.parameters(recurse=False))) and all(owners[id(parameter)] == 1 for parameter in own)
+    )
     first.register_forward_hook(lambda module, inputs, output: output.detach())
     with pytest.raises(checks.PreflightError) as error:
         checks.check_gradient_flow(setup.run, setup.batches)
