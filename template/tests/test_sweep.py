@@ -71,7 +71,8 @@ def test_the_median_pruner_stops_trials_that_learn_nothing(toy_overrides, tmp_pa
     assert code == 0, output
     assert "4 runs by loss" in output and "no metrics.jsonl" not in output
     rows = output.splitlines()[2:6]
-    assert [row.split()[0] for row in rows[:2]] == ["trial_001", "trial_000"]  # the finished ones, best first
+    finished = sorted((trial for trial in trials if trial.state.name == "COMPLETE"), key=lambda trial: trial.value)
+    assert [row.split()[0] for row in rows[:2]] == [f"trial_{trial.number:03d}" for trial in finished]  # best first
     assert all("optimizer.lr=" in row for row in rows) and (tmp_path / "report" / "curves.png").is_file()
     assert [row.split()[-1] for row in rows] == ["done", "done", "TrialPruned", "TrialPruned"]
 
