@@ -130,13 +130,14 @@ def resolve_resume(resume: str | None, folder: Path) -> Path | None:
     return None  # nothing yet: start from scratch (so a preempted job can be requeued as it was)
 
 
-def load(accelerator: Accelerator, path: Path) -> dict:
-    """Restore every prepared object's state from `path`; return the trainer state saved with it.
+def load(accelerator: Accelerator, path: Path, verified: bool = False) -> dict:
+    """Restore every prepared object's state from `path`; return the trainer state saved with it. Its files are
+    checked against their checksums first, unless `verified` says the caller just did (resolve_resume does).
 
     Accelerate loads tensors with safetensors and `weights_only` pickles: a checkpoint is data, not code.
     It only logs a failed RNG restore, so the restored generator is compared with the saved one here.
     """
-    record = verify(path)
+    record = read_record(path) if verified else verify(path)
     accelerator.load_state(str(path))
     saved_rng = safe_load(path / f"random_states_{accelerator.process_index}.pkl")["torch_manual_seed"]
     if not torch.equal(torch.get_rng_state(), saved_rng):

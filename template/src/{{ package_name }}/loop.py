@@ -217,7 +217,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.max_steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
 
-    state = new_state(seed) if resume_from is None else checkpoints.load(accelerator, resume_from)
+    # resolve_resume verified it: hashing a large checkpoint's files once is enough.
+    state = new_state(seed) if resume_from is None else checkpoints.load(accelerator, resume_from, verified=True)
     if resume_from is not None:
         logger.info(f"resumed from {resume_from} at step {state['step']}", main_process_only=True)
     stopping = EarlyStopping.from_config(cfg, task)
