@@ -58,9 +58,16 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
             f"model.config does not fit {cfg._target_}{inspect.signature(module_class)}: {error} "
             f"(given: {sorted(kwargs)})"
         ) from None
+    folder = None if cfg.name_or_path is None else model_folder(cfg.name_or_path)
+    if cfg.name_or_path is not None and (folder is None or (folder / "config.json").is_file()):
+        # A hub id or a save_pretrained folder: meant for a transformers model, not for this module.
+        raise ConfigError(
+            f"model.name_or_path={cfg.name_or_path} with model._target_={cfg._target_}: your own module loads only "
+            f"its own weights ({WEIGHTS_FILE} of a train.py export); for a pretrained transformers model choose "
+            f"model=pretrained model.name_or_path={cfg.name_or_path}"
+        )
     module = module_class(**kwargs)
-    if cfg.name_or_path is not None:
-        folder = model_folder(cfg.name_or_path) or Path(cfg.name_or_path)
+    if folder is not None:
         with loading(cfg.name_or_path):
             module.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return module
