@@ -99,12 +99,15 @@ def compose_config(*overrides: str, return_hydra_config: bool = False, config_na
 # of a run that memorizes the data in a few seconds. The task-agnostic tests run on these toys.
 TASKS = sorted(path.stem.removeprefix("test_task_") for path in Path(__file__).parent.glob("test_task_*.py"))
 TOY_RUN = [  # what every toy run shares: constant lr, no tracker, evaluation and checkpoints only at the end
+    "checks.enabled=false",  # the preflight checks: on (CHECKS_ON) only in the tests that are about them
     "scheduler=constant",
     "optimizer.weight_decay=0",
     "trainer.eval_every_n_steps=0",
     "trainer.log_with=none",
     "checkpoint.every_n_steps=0",
 ]
+
+CHECKS_ON = "checks.enabled=true"  # a toy run with the preflight checks (tests/test_checks.py, each task's own tests)
 
 
 def task_name(cfg) -> str:
