@@ -86,10 +86,13 @@ def isolated_global_state():
     reset_accelerate_state()
 
 
+# The schemas in Hydra's ConfigStore, once per session (the launch module, imported above, registers the resolvers
+# that the `hydra` node uses).
+importlib.import_module(f"{PACKAGE}.config").register_configs()
+
+
 def compose_config(*overrides: str, return_hydra_config: bool = False, config_name: str = "train"):
     """Compose the project's real Hydra config (configs/train.yaml, or evaluate.yaml) with command-line overrides."""
-    importlib.import_module(f"{PACKAGE}.config").register_configs()
-    importlib.import_module(f"{PACKAGE}.launch")  # registers the resolvers that the `hydra` node uses
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
