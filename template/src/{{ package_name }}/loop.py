@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
-from . import checkpoints, launch, run_folder
+from . import checkpoints, launch, profiling, run_folder
 from .checks import run_preflight_checks
 from .config import (
     ConfigError,
@@ -308,7 +308,7 @@ def evaluate_and_decide(run: Run) -> None:
 def fit(run: Run) -> list:
     """Train until trainer.max_steps or early stopping; return the loss of every optimizer step taken."""
     cfg, accelerator, state, trainer = run.cfg, run.accelerator, run.state, run.trainer
-    checkpoint_every = cfg.checkpoint.every_n_steps
+    checkpoint_every, checkpoint_dir = cfg.checkpoint.every_n_steps, run.run_dir / "checkpoints"
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
     progress = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
     step_losses = []
@@ -317,22 +317,24 @@ def fit(run: Run) -> list:
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
     stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
     throughput = Throughput(accelerator, run.task)
-    while state["step"] < trainer.max_steps and not state["stopped_early"]:
-        loss = train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
-        throughput.step_done()
-        step = state["step"]
-        step_losses.append(loss)
-        progress.update(1)
-        if step % trainer.log_every_n_steps == 0:
-            perf = throughput.measure()
-            accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
-            progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
-        if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
-            evaluate_and_decide(run)
-        if checkpoint_every and step % checkpoint_every == 0:
-            checkpoints.save(accelerator, run.run_dir / "checkpoints", state, to_container(cfg))
-            if accelerator.is_main_process:
-                checkpoints.prune(run.run_dir / "checkpoints", cfg.checkpoint, run.stopping.metric, run.stopping.mode)
+    with profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler:
+        while state["step"] < trainer.max_steps and not state["stopped_early"]:
+            loss = train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
+            throughput.step_done()
+            profiler.step()
+            step = state["step"]
+            step_losses.append(loss)
+            progress.update(1)
+            if step % trainer.log_every_n_steps == 0:
+                perf = throughput.measure()
+                accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
+                progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
+            if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
+                evaluate_and_decide(run)
+            if checkpoint_every and step % checkpoint_every == 0:
+                checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg))
+                if accelerator.is_main_process:
+                    checkpoints.prune(checkpoint_dir, cfg.checkpoint, run.stopping.metric, run.stopping.mode)
     progress.close()
     return step_losses
 
