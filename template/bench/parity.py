@@ -13,7 +13,8 @@ machine slows all three alike). Exits 1 if this loop and the plain loop do not e
 python bench/parity.py [--steps 300] [--repeats 5] [--task NAME] [--compile] [OVERRIDE ...]
 
 Overrides are train.py's (model=..., data.batch_size=..., trainer.mixed_precision=bf16, ...); the model and data
-are the task's defaults unless they say otherwise. --compile adds a row: this loop with trainer.compile=true.
+are the task's defaults unless they say otherwise. --compile adds a row: this loop with trainer.compile=true, whose
+time includes compiling (in its first steps, again in each run: a longer --steps shows what compiling gains).
 """
 
 import argparse

@@ -166,6 +166,8 @@ class TrainerConfig:
     # Multi-process (DDP) runs of a model whose forward leaves some parameters unused (the gradient_flow check
     # names them) need true; it costs an extra pass over the graph each step, so it is off unless asked for.
     find_unused_parameters: bool = False
+    # torch.compile the model: the first steps (and the first evaluation) compile, later ones may run faster.
+    compile: bool = False
     # Profile a window of optimizer steps with the PyTorch profiler (profiling.py): a trace in <run folder>/profile/,
     # the top operators and the share of time waiting for data in train.log. Off: no cost.
     profile: bool = False

@@ -234,6 +234,11 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.max_steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    if trainer.compile:
+        # In place (nn.Module.compile), not Accelerator(dynamo_backend=...): that wraps the model, which prefixes every
+        # parameter name with "_orig_mod.", so its checkpoints would not load into an uncompiled model (evaluate.py,
+        # a resume without compile). Here names, checkpoints and the export are the same as without compile.
+        model.compile()
 
     # resolve_resume verified it: hashing a large checkpoint's files once is enough.
     state = new_state(seed) if resume_from is None else checkpoints.load(accelerator, resume_from, verified=True)

@@ -44,6 +44,7 @@ RESUME_SAFE = (
     "trainer.deterministic",
     "trainer.cpu",
     "trainer.profile",
+    "trainer.compile",  # compiled in place: the checkpoint's parameter names are the same
     "trainer.profile_wait",
     "trainer.profile_steps",
     "checkpoint.every_n_steps",
