@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 PACKAGE = next(path.parent.name for path in (ROOT / "src").glob("*/loop.py"))
-config, data, launch, loop, optim = (
-    importlib.import_module(f"{PACKAGE}.{name}") for name in ("config", "data", "launch", "loop", "optim")
+config, data, errors, launch, loop, optim = (
+    importlib.import_module(f"{PACKAGE}.{name}") for name in ("config", "data", "errors", "launch", "loop", "optim")
 )
 
 # What the comparison leaves out of this loop's run: checks, trackers, evaluation and checkpoints during training.
@@ -50,7 +52,10 @@ BENCH_OVERRIDES = [
 def compose_config(overrides: list):
     config.register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name="train", overrides=[*BENCH_OVERRIDES, *overrides])
+        try:
+            cfg = compose(config_name="train", overrides=[*BENCH_OVERRIDES, *overrides])
+        except (HydraException, OmegaConfBaseException) as error:  # a task, group or key that is not there
+            raise config.ConfigError(f"{' '.join(overrides)}: {error}") from None
     config.validate(cfg)
     return cfg
 
@@ -171,7 +176,7 @@ def table(rows: dict, steps: int) -> str:
     lines = [f"{'':<24}{'median ms/step':>15}{'min':>8}{'max':>8}{'vs plain':>10}{'min':>8}{'max':>8}"]
     for name, seconds in rows.items():
         ms = [1000 * s / steps for s in seconds]
-        ratios = [s / p for s, p in zip(seconds, plain)]
+        ratios = [s / p for s, p in zip(seconds, plain, strict=True)]
         ratio = statistics.median(seconds) / statistics.median(plain)
         lines.append(
             f"{name:<24}{statistics.median(ms):>15.2f}{min(ms):>8.2f}{max(ms):>8.2f}"
@@ -196,7 +201,7 @@ def main(argv: list | None = None) -> int:
         compiled = compose_config([*task, *args.overrides, f"trainer.max_steps={args.steps}", "trainer.compile=true"])
         ways["this loop, compiled"] = lambda work, folder: this_loop(work, folder, compiled)
     print(
-        f"parity: {config.to_container(cfg.task)['_target_'].rsplit('.', 1)[-1]}, "
+        f"parity: {type(work.task).__name__}, "
         f"model {cfg.model.name_or_path or cfg.model.model_type or cfg.model._target_}, {args.steps} steps of "
         f"batch {cfg.data.batch_size}, {args.repeats} rounds after a warm-up, {work.device.type}, "
         f"{torch.get_num_threads()} threads"
@@ -225,4 +230,5 @@ def main(argv: list | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with errors.reported():  # a bad option or override: one short message, no traceback
+        sys.exit(main())
