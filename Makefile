@@ -10,5 +10,7 @@ install:
 demo: install
 	$(PYTHON) scripts/demo.py
 
+# One pytest worker per core (pytest-xdist, from the test extra): the rendered projects' suites run side by
+# side; worksteal hands a free worker the tests still waiting, since one suite takes minutes and a lint seconds.
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n auto --dist worksteal

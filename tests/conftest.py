@@ -14,6 +14,8 @@ def offline_env(tmp_path_factory):
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        # One thread per rendered suite: with pytest-xdist, suites run side by side, one per core.
+        mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
         yield
 

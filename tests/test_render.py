@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TASKS, read_answers, run_ok
+from helpers import RENDERED_TESTS, TASKS, read_answers, run_ok
 
 # Jinja tags left in rendered text: `{{ expression }}`, `{% statement`, `{# comment`.
 # Not flagged: GitHub Actions' ${{ ... }} (removed before searching) and the escaped braces
@@ -134,9 +134,18 @@ def test_only_the_chosen_tasks_leave_files(project):
 
 
 @pytest.mark.rendered_suite
-def test_rendered_suite(project):
-    """The rendered project's own tests pass, offline, without installing it."""
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+def test_rendered_suite(project, request):
+    """The rendered project's own tests pass, offline, without installing it: in each render,
+    those that it alone runs on its code (helpers.RENDERED_TESTS). Between them, every test of
+    every task:
+    - defaults: the whole suite of the default answers (text classification, TensorBoard);
+    - aim: each other task's own tests and two-process run in a project of every task, the config
+      tests, and the default command line with its tracker;
+    - minimal, wandb, mlflow: the task-agnostic tests (checkpoints, resume, mistakes, sweeps,
+      evaluation, reports) on the image classification, causal LM and seq2seq toys, each with its
+      tracker."""
+    selection = RENDERED_TESTS[request.node.callspec.id]
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection]
     run_ok(command, cwd=project, timeout=1800)
 
 

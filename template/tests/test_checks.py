@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import PACKAGE
+from conftest import CHECKS_ON, PACKAGE
 from safetensors.torch import load_file, save_file
 
 checks = importlib.import_module(f"{PACKAGE}.checks")
@@ -27,6 +27,12 @@ def assert_names_check(error, check: str, *fragments: str) -> None:
     assert f"checks.{check}=false" in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+@pytest.fixture
+def toy_overrides(toy_overrides):
+    """The toy run, with the preflight checks that this file tests."""
+    return [*toy_overrides, CHECKS_ON]
 
 
 @pytest.fixture

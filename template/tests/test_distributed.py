@@ -15,7 +15,7 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
-from conftest import CONFIG_DIR, PROJECT_ROOT, TASKS, toy_overrides_for
+from conftest import CHECKS_ON, CONFIG_DIR, PROJECT_ROOT, TASKS, toy_overrides_for
 from safetensors.torch import load_file
 
 # The `accelerate` command (its console script's entry point), run by the interpreter that runs the tests.
@@ -61,6 +61,7 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(pkg, ma
     # 33 validation examples: they split evenly neither over 2 processes nor into batches of 4.
     overrides = [
         *toy_overrides_for(task, tmp_path / "toy", validation_examples=33),
+        CHECKS_ON,  # on two processes too
         "data.eval_batch_size=4",
         "trainer.max_steps=10",
         "data.batch_size=4",  # per process

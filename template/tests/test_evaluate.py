@@ -4,7 +4,7 @@ one prediction per example."""
 import json
 
 import pytest
-from conftest import TASKS, reset_accelerate_state, run_script
+from conftest import TASKS, reset_accelerate_state, run_in_process
 
 
 def read_predictions(run_dir) -> list:
@@ -34,13 +34,15 @@ def test_exported_model_and_checkpoint_evaluate_to_what_training_reported(pkg, m
 
 
 def test_evaluate_command_line_writes_metrics_and_predictions_into_its_own_folder(
-    pkg, make_config, toy_overrides, tmp_path
+    pkg, make_config, toy_overrides, tmp_path, capsys
 ):
     trained = pkg.loop.train(make_config(*toy_overrides), tmp_path / "train")
+    reset_accelerate_state()
     run_dir = tmp_path / "evaluation"
     exported = f"model.name_or_path='{tmp_path / 'train' / 'model'}'"
-    done = run_script("evaluate.py", *toy_overrides, exported, f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr[-4000:]
+    # The real evaluate.py in this process (test_distributed.py starts it in processes of their own).
+    code, output = run_in_process("evaluate.py", [*toy_overrides, exported, f"hydra.run.dir={run_dir}"], capsys)
+    assert code == 0, output[-4000:]
     assert json.loads((run_dir / "metrics.json").read_text())["metrics"] == trained["metrics"]
     assert (run_dir / "evaluate.log").is_file() and len(read_predictions(run_dir)) == trained["metrics"]["examples"]
 

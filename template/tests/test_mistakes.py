@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, TASKS, run_in_process, run_script
+from conftest import CHECKS_ON, PROJECT_ROOT, TASKS, run_in_process, run_script
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first
 
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
@@ -139,7 +139,7 @@ MISTAKES += [
     # Preflight: a check that fails names itself and its off switch.
     Mistake(
         "preflight check fails",
-        [TOY, "optimizer.lr=1e-12"],  # a learning rate too small to learn anything: a real bug of the setup
+        [TOY, CHECKS_ON, "optimizer.lr=1e-12"],  # a learning rate too small to learn anything: a real bug of the setup
         "preflight check overfit_batch failed",
     ),
     # Launch: `accelerate launch --num_processes 2` without --multi_gpu (or with --cpu) starts one process.
@@ -165,7 +165,7 @@ MISTAKES += [
     ),
     Mistake(
         "ctrl-c before any checkpoint",
-        [TOY, "trainer.max_steps=100000"],
+        [TOY, CHECKS_ON, "trainer.max_steps=100000"],
         "no checkpoint yet, so a rerun starts over",
         code=130,
         interrupt_after="preflight checks passed",

@@ -166,6 +166,13 @@ class TrainerConfig:
     # Multi-process (DDP) runs of a model whose forward leaves some parameters unused (the gradient_flow check
     # names them) need true; it costs an extra pass over the graph each step, so it is off unless asked for.
     find_unused_parameters: bool = False
+    # torch.compile the model: the first steps (and the first evaluation) compile, later ones may run faster.
+    compile: bool = False
+    # Profile a window of optimizer steps with the PyTorch profiler (profiling.py): a trace in <run folder>/profile/,
+    # the top operators and the share of time waiting for data in train.log. Off: no cost.
+    profile: bool = False
+    profile_wait: int = bounded(10, ge=0)  # steps before the window (the first ones pay one-time costs)
+    profile_steps: int = bounded(5, ge=1)  # steps in the window
 
 
 @dataclass

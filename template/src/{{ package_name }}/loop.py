@@ -1,13 +1,15 @@
 """The training loop on Hugging Face Accelerate. Read it top to bottom: `train` is setup, preflight checks, fit
 and finish. The loop knows the task contract (tasks/base.py), never a task by name."""
 
+import functools
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import accelerate.optimizer
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
@@ -16,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
-from . import checkpoints, launch, run_folder
+from . import checkpoints, launch, profiling, run_folder
 from .checks import run_preflight_checks
 from .config import (
     ConfigError,
@@ -25,6 +27,7 @@ from .config import (
     ModelConfig,
     NonFiniteLoss,
     Tracker,
+    TrainerConfig,
     build_task,
     to_container,
     validate,
@@ -37,6 +40,10 @@ from .records import METRICS_FILE, to_json
 from .tasks.base import Task
 
 logger = get_logger(__name__)
+
+# Accelerate's optimizer step asks importlib twice a step whether the lomo_optim package is installed (about 50 us
+# each, over 0.5% of the demo's step on a CPU): the answer does not change while the process runs, so ask once.
+accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -111,7 +118,7 @@ def accumulate_cycle(accelerator: Accelerator, task: Task, model, cycle: list) -
     transformers #34191). `backward` divides by the accumulation steps and DDP averages over
     processes, so both are multiplied back.
     """
-    items = accelerator.reduce(sum(task.labelled(batch) for batch in cycle), "sum")
+    items = sum_over_processes(accelerator, sum(task.labelled(batch) for batch in cycle))
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / items
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in cycle:
@@ -119,7 +126,12 @@ def accumulate_cycle(accelerator: Accelerator, task: Task, model, cycle: list) -
             loss = task.loss(model, batch)
             accelerator.backward(loss * scale)
             loss_sum += loss.detach()
-    return accelerator.reduce(loss_sum, "sum"), items
+    return sum_over_processes(accelerator, loss_sum), items
+
+
+def sum_over_processes(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """accelerator.reduce(tensor, "sum"), without its copy of the tensor when there is one process (every step)."""
+    return tensor if accelerator.num_processes == 1 else accelerator.reduce(tensor, "sum")
 
 
 @dataclass
@@ -172,6 +184,12 @@ class Run:
     # Called with (step, metrics) after each evaluation during training; what it raises ends the run (a sweep's
     # pruner stops a losing trial so).
     on_evaluation: Callable[[int, dict], None] | None = None
+    # cfg.trainer as a plain dataclass, for the code that runs every step: reading a key of a DictConfig costs tens
+    # of microseconds, a few percent of a tiny model's step when the loop reads a handful of them.
+    trainer: TrainerConfig = field(init=False)
+
+    def __post_init__(self):
+        self.trainer = OmegaConf.to_object(self.cfg.trainer)
 
 
 def new_state(seed: int) -> dict:
@@ -216,6 +234,11 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.max_steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    if trainer.compile:
+        # In place (nn.Module.compile), not Accelerator(dynamo_backend=...): that wraps the model, which prefixes every
+        # parameter name with "_orig_mod.", so its checkpoints would not load into an uncompiled model (evaluate.py,
+        # a resume without compile). Here names, checkpoints and the export are the same as without compile.
+        model.compile()
 
     # resolve_resume verified it: hashing a large checkpoint's files once is enough.
     state = new_state(seed) if resume_from is None else checkpoints.load(accelerator, resume_from, verified=True)
@@ -229,7 +252,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
 def train_step(run: Run, cycle: list) -> float:
     """One optimizer step over a cycle of micro-batches; returns its mean loss per labelled item (NaN or inf
     when the loss is not finite: then the update is skipped or the run stops, as trainer.nonfinite_loss says)."""
-    trainer, state = run.cfg.trainer, run.state
+    trainer, state = run.trainer, run.state
     loss_sum, items = accumulate_cycle(run.accelerator, run.task, run.model, cycle)
     if not run.accelerator.sync_gradients:  # the optimizer would silently skip this step
         raise RuntimeError("accumulation cycle out of step with Accelerate's gradient synchronization")
@@ -289,8 +312,8 @@ def evaluate_and_decide(run: Run) -> None:
 
 def fit(run: Run) -> list:
     """Train until trainer.max_steps or early stopping; return the loss of every optimizer step taken."""
-    cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    trainer = cfg.trainer
+    cfg, accelerator, state, trainer = run.cfg, run.accelerator, run.state, run.trainer
+    checkpoint_every, checkpoint_dir = cfg.checkpoint.every_n_steps, run.run_dir / "checkpoints"
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
     progress = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
     step_losses = []
@@ -299,22 +322,24 @@ def fit(run: Run) -> list:
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
     stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
     throughput = Throughput(accelerator, run.task)
-    while state["step"] < trainer.max_steps and not state["stopped_early"]:
-        loss = train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
-        throughput.step_done()
-        step = state["step"]
-        step_losses.append(loss)
-        progress.update(1)
-        if step % trainer.log_every_n_steps == 0:
-            perf = throughput.measure()
-            accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
-            progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
-        if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
-            evaluate_and_decide(run)
-        if cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0:
-            checkpoints.save(accelerator, run.run_dir / "checkpoints", state, to_container(cfg))
-            if accelerator.is_main_process:
-                checkpoints.prune(run.run_dir / "checkpoints", cfg.checkpoint, run.stopping.metric, run.stopping.mode)
+    with profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler:
+        while state["step"] < trainer.max_steps and not state["stopped_early"]:
+            loss = train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
+            throughput.step_done()
+            profiler.step()
+            step = state["step"]
+            step_losses.append(loss)
+            progress.update(1)
+            if step % trainer.log_every_n_steps == 0:
+                perf = throughput.measure()
+                accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
+                progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
+            if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
+                evaluate_and_decide(run)
+            if checkpoint_every and step % checkpoint_every == 0:
+                checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg))
+                if accelerator.is_main_process:
+                    checkpoints.prune(checkpoint_dir, cfg.checkpoint, run.stopping.metric, run.stopping.mode)
     progress.close()
     return step_losses
 

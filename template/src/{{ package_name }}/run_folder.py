@@ -43,6 +43,10 @@ RESUME_SAFE = (
     "trainer.tracker_project",
     "trainer.deterministic",
     "trainer.cpu",
+    "trainer.profile",
+    "trainer.compile",  # compiled in place: the checkpoint's parameter names are the same
+    "trainer.profile_wait",
+    "trainer.profile_steps",
     "checkpoint.every_n_steps",
     "checkpoint.keep",
     "checkpoint.keep_count",

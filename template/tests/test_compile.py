@@ -1,0 +1,26 @@
+"""trainer.compile=true: a compiled run passes the preflight checks, trains, checkpoints and exports; its checkpoint
+resumes without compile, and its export loads with from_pretrained."""
+
+import math
+
+import pytest
+from conftest import reset_accelerate_state
+from safetensors.torch import load_file
+
+
+@pytest.mark.slow  # compiling on a CPU takes a minute or more
+def test_compiled_run_checkpoints_resumes_and_exports_a_loadable_model(pkg, make_config, toy_overrides, tmp_path):
+    overrides = [*toy_overrides, "trainer.max_steps=4", "checkpoint.every_n_steps=2"]
+    trained = pkg.loop.train(make_config(*overrides, "trainer.compile=true"), tmp_path / "run")
+    assert trained["step"] == 4 and all(math.isfinite(loss) for loss in trained["losses"])
+    names = set(load_file(tmp_path / "run" / "model" / "model.safetensors"))
+    assert names and not [name for name in names if "_orig_mod" in name]  # an uncompiled model's names
+
+    reset_accelerate_state()  # the export loads with from_pretrained and scores what training reported
+    exported = [*overrides, f"model.name_or_path='{tmp_path / 'run' / 'model'}'"]
+    result = pkg.loop.evaluate_saved(make_config(*exported, config_name="evaluate"), tmp_path / "evaluation")
+    assert result["metrics"] == pytest.approx(trained["metrics"], rel=1e-4)  # compiled kernels round differently
+
+    reset_accelerate_state()  # the compiled run's checkpoint resumes in a run without compile
+    resumed = pkg.loop.train(make_config(*overrides, "trainer.max_steps=6", "resume=latest"), tmp_path / "run")
+    assert resumed["step"] == 6 and len(resumed["losses"]) == 2
