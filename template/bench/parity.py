@@ -28,9 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,14 +47,10 @@ BENCH_OVERRIDES = [
 
 
 def compose_config(overrides: list):
-    config.register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        try:
-            cfg = compose(config_name="train", overrides=[*BENCH_OVERRIDES, *overrides])
-        except (HydraException, OmegaConfBaseException) as error:  # a task, group or key that is not there
-            raise config.ConfigError(f"{' '.join(overrides)}: {error}") from None
-    config.validate(cfg)
-    return cfg
+    try:
+        return config.compose_train(ROOT / "configs", [*BENCH_OVERRIDES, *overrides])
+    except config.ConfigError as error:  # a task, group, key or value that is not there or not allowed
+        raise config.ConfigError(f"{' '.join(overrides)}: {error}") from None
 
 
 class Workload:

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import UserError, reported
 
@@ -437,6 +439,19 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     ConfigStore.instance().store(name="sweep_schema", node=SweepAppConfig)
+
+
+def compose_train(config_dir: Path, overrides: list) -> DictConfig:
+    """train.py's config of `overrides` composed outside train.py (rank_check.py, bench/parity.py) and validated; a
+    group, key or value that is not there or not allowed is a ConfigError."""
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
+        try:
+            cfg = compose(config_name="train", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as error:
+            raise ConfigError(str(error)) from None
+    validate(cfg)
+    return cfg
 
 
 def to_container(cfg: DictConfig) -> dict:

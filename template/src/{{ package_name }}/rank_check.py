@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from . import launch, run_folder
-from .config import ConfigError, register_configs, validate
+from .config import ConfigError, compose_train
 from .errors import UserError, reported
 from .records import to_json
 from .report import shown, table
@@ -105,20 +102,16 @@ def run_overrides(plan: Plan, budget: str, hypothesis: list) -> list:
 
 def compose_all(plan: Plan, config_dir: Path) -> dict:
     """(budget, index) -> (overrides, config), every config composed and validated before any run starts."""
-    register_configs()
     composed = {}
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
-        for budget in BUDGETS:
-            for index, hypothesis in enumerate(plan.hypotheses):
-                overrides = run_overrides(plan, budget, hypothesis)
-                try:
-                    cfg = compose(config_name="train", overrides=overrides)
-                    validate(cfg)
-                except (HydraException, OmegaConfBaseException, ConfigError) as error:
-                    raise ConfigError(
-                        f"hypothesis {index} at the {budget} budget ({' '.join(overrides)}): {error}"
-                    ) from None
-                composed[budget, index] = overrides, cfg
+    for budget in BUDGETS:
+        for index, hypothesis in enumerate(plan.hypotheses):
+            overrides = run_overrides(plan, budget, hypothesis)
+            try:
+                composed[budget, index] = overrides, compose_train(config_dir, overrides)
+            except ConfigError as error:
+                raise ConfigError(
+                    f"hypothesis {index} at the {budget} budget ({' '.join(overrides)}): {error}"
+                ) from None
     return composed
 
 
