@@ -46,21 +46,38 @@ RENDERS = {
 
 OTHER_TASKS = " or ".join(TASKS[1:])  # every task but the default one (the first of TASKS)
 
-# Which of its own tests each render runs (pytest -k), so that no test runs twice on the same
-# code. A project's task-agnostic tests (checkpoints, resume, mistakes, sweeps, ...) run on its
-# default task's toy; its other tests name their task (test_task_<task>.py, [<task>] parameters,
-# "<task>: ..." rows of the mistakes table).
-# - defaults (text classification): everything, as a user of the default answers runs it;
+# The generated tests that run a task's data, model, loss and metrics through the loop: training,
+# resume and checkpoints, the preflight checks, evaluation, accumulation, mixed precision, data
+# workers, the proxy subset, and the config of the task's defaults.
+TASK_SEAM_TESTS = [
+    f"tests/test_{name}.py"
+    for name in [
+        "train",
+        "checkpoints",
+        "checks",
+        "evaluate",
+        "config",
+        "accumulation",
+        "mixed_precision",
+        "data_workers",
+        "proxy",
+    ]
+]
+
+# Which of its own tests each render runs, so that no test runs twice on the same code.
+# - defaults (text classification): everything, as a user of the default answers runs it; its
+#   task-agnostic tools (the mistakes table, sweeps, the report, the rank check, the profiler,
+#   the launch configs) branch on no task, so they run once, here;
 # - aim (every task, text classification the default): the tests that name another task (each
-#   task's own tests and two-process run, in a project of several tasks), the config tests and
-#   the default command line (with its tracker);
-# - each single-task render: the task-agnostic tests on its own task's toy, with its tracker, less
+#   task's own tests, two-process run and parity run, in a project of several tasks), the config
+#   tests and the default command line (with its tracker);
+# - each single-task render: the task seam's tests on its own task's toy, with its tracker, less
 #   the tests that name its task (the aim render runs those).
 RENDERED_TESTS = {
     "defaults": [],
-    "minimal": ["-k", "not image_classification"],
-    "wandb": ["-k", "not causal_lm"],
-    "mlflow": ["-k", "not seq2seq"],
+    "minimal": [*TASK_SEAM_TESTS, "-k", "not image_classification"],
+    "wandb": [*TASK_SEAM_TESTS, "-k", "not causal_lm"],
+    "mlflow": [*TASK_SEAM_TESTS, "-k", "not seq2seq"],
     "aim": ["-k", f"{OTHER_TASKS} or test_config or default_command_line"],
 }
 

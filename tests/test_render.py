@@ -141,9 +141,10 @@ def test_rendered_suite(project, request):
     - defaults: the whole suite of the default answers (text classification, TensorBoard);
     - aim: each other task's own tests and two-process run in a project of every task, the config
       tests, and the default command line with its tracker;
-    - minimal, wandb, mlflow: the task-agnostic tests (checkpoints, resume, mistakes, sweeps,
-      evaluation, reports) on the image classification, causal LM and seq2seq toys, each with its
-      tracker."""
+    - minimal, wandb, mlflow: the task seam's tests (training, resume, checkpoints, checks,
+      evaluation, config) on the image classification, causal LM and seq2seq toys, each with its
+      tracker; the tools that branch on no task (mistakes table, sweeps, report) run once, in
+      defaults."""
     selection = RENDERED_TESTS[request.node.callspec.id]
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection]
     run_ok(command, cwd=project, timeout=1800)
