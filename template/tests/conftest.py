@@ -5,7 +5,6 @@ import importlib
 import os
 import random
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,12 +33,6 @@ def hf_home(tmp_path_factory):
     os.environ["HF_HOME"] = str(path)
     os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
     return path
-
-
-def run_script(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    """Run a project entry point (train.py, evaluate.py) with Hydra overrides, as a user would, from the project."""
-    command = [sys.executable, script, *overrides]
-    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=dict(os.environ))
 
 
 def run_in_process(script: str, args: list, capsys=None) -> tuple:

@@ -21,11 +21,10 @@ class Mistake:
     script: str = "train.py"
     # Writes what the row needs into its folder before the command (a run to resume, a broken file, ...).
     prepare: Callable | None = None
-    subprocess: bool = False  # a real process: for what only one shows (a launcher, signals, a second import)
     on_disk: list = field(default_factory=list)  # paths under {tmp} that must exist afterwards
     task: str | None = None  # the task whose toy TOY stands for (set for the rows of a task's file); None: the default
     launcher: list = field(default_factory=list)  # runs `<launcher> script args` (a subprocess), e.g. accelerate
-    interrupt_after: str | None = None  # Ctrl-C (SIGINT) once the output shows this line (a subprocess)
+    interrupt_after: str | None = None  # Ctrl-C (a real SIGINT) once the run's train.log shows this line
 
 
 def truncate(path: Path) -> None:

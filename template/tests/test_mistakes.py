@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import CHECKS_ON, PROJECT_ROOT, TASKS, run_in_process, run_script
+from conftest import CHECKS_ON, PROJECT_ROOT, TASKS, run_in_process
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first
 
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
@@ -182,34 +183,37 @@ def files_and_digests(folder: Path) -> dict:
     return {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.rglob("*") if path.is_file()}
 
 
-def ctrl_c_as_in_a_terminal() -> None:
-    """In the child before it starts: a shell that runs a command in the background makes it ignore SIGINT, and
-    children inherit that; undo it, so the script gets Ctrl-C as from a terminal however pytest was started."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def run_process(mistake: Mistake, args: list) -> tuple:
-    """Run the row's command in a process of its own (under its launcher; interrupted if the row says so)."""
-    command = [*(mistake.launcher or [sys.executable]), mistake.script, *args]
-    if mistake.interrupt_after is None:
-        done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=dict(os.environ))
-        return done.returncode, done.stdout + done.stderr
-    process = subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=ctrl_c_as_in_a_terminal,
-    )
-    lines = []
-    for line in process.stdout:  # tqdm's bar ends in "\r", so the lines are the log's
-        lines.append(line)
-        if mistake.interrupt_after in line:
-            process.send_signal(signal.SIGINT)
-            break
-    lines.append(process.communicate(timeout=300)[0])
-    return process.returncode, "".join(lines)
+    """Run the row's command under its launcher, in a process of its own."""
+    done = subprocess.run([*mistake.launcher, mistake.script, *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    return done.returncode, done.stdout + done.stderr
+
+
+def run_interrupted(mistake: Mistake, args: list, log: Path, capsys) -> tuple:
+    """Run the row's command in this process and press Ctrl-C once its log shows the row's line: a real SIGINT, which
+    Python turns into KeyboardInterrupt wherever the run is (a new interpreter would add 5 s of imports, nothing more).
+    """
+    pressed, done = threading.Event(), threading.Event()
+
+    def press_ctrl_c() -> None:
+        while not done.wait(0.05):
+            if log.is_file() and mistake.interrupt_after in log.read_text():
+                os.kill(os.getpid(), signal.SIGINT)
+                pressed.set()
+                return
+
+    # A shell that runs a command in the background makes it ignore SIGINT; answer it as a terminal's process would.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    try:
+        code, output = run_in_process(mistake.script, args, capsys)
+    finally:
+        done.set()
+        presser.join()
+        signal.signal(signal.SIGINT, previous)
+    assert pressed.is_set(), f"the run ended before its log showed {mistake.interrupt_after!r}:\n{output}"
+    return code, output
 
 
 @pytest.mark.parametrize(
@@ -226,11 +230,11 @@ def test_mistake_gets_one_clear_message_and_loses_nothing(
     for arg in mistake.args:
         args += toy_overrides if arg == TOY else [arg.format(tmp=tmp_path)]
     args.append(f"hydra.run.dir={tmp_path / 'run'}")  # a run folder of the row's own, also for in-process runs
-    if mistake.launcher or mistake.interrupt_after:
+    if mistake.launcher:
         code, output = run_process(mistake, args)
-    elif mistake.subprocess:
-        result = run_script(mistake.script, *args)
-        code, output = result.returncode, result.stdout + result.stderr
+    elif mistake.interrupt_after:
+        capsys.readouterr()
+        code, output = run_interrupted(mistake, args, tmp_path / "run" / "train.log", capsys)
     else:
         capsys.readouterr()  # drop what `prepare` printed
         code, output = run_in_process(mistake.script, args, capsys)
