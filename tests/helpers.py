@@ -64,7 +64,13 @@ TASK_SEAM_TESTS = [
     ]
 ]
 
-# Which of its own tests each render runs, so that no test runs twice on the same code.
+# The generated tests that start real processes: the two-process runs, the launcher and Ctrl-C
+# rows of the mistakes table, two sweep workers.
+PROCESS_TESTS = ["tests/test_distributed.py", "tests/test_mistakes.py", "tests/test_sweep.py"]
+NOT_PROCESS_TESTS = [f"--ignore={path}" for path in PROCESS_TESTS]
+
+# Which of its own tests each render runs (pytest arguments), so that no test runs twice on the
+# same code. The key names the template suite's item; the render is the key up to its comma.
 # - defaults (text classification): everything, as a user of the default answers runs it; its
 #   task-agnostic tools (the mistakes table, sweeps, the report, the rank check, the profiler,
 #   the launch configs) branch on no task, so they run once, here;
@@ -73,12 +79,17 @@ TASK_SEAM_TESTS = [
 #   tests and the default command line (with its tracker);
 # - each single-task render: the task seam's tests on its own task's toy, with its tracker, less
 #   the tests that name its task (the aim render runs those).
+# The two longest suites are cut in two, so that `make test`'s workers (one per core) share the
+# work evenly whichever of them takes which part (one piece of 3 minutes left a core idle).
+AIM = ["-k", f"{OTHER_TASKS} or test_config or default_command_line"]
 RENDERED_TESTS = {
-    "defaults": [],
+    "defaults": NOT_PROCESS_TESTS,
+    "defaults, processes": PROCESS_TESTS,
     "minimal": [*TASK_SEAM_TESTS, "-k", "not image_classification"],
     "wandb": [*TASK_SEAM_TESTS, "-k", "not causal_lm"],
     "mlflow": [*TASK_SEAM_TESTS, "-k", "not seq2seq"],
-    "aim": ["-k", f"{OTHER_TASKS} or test_config or default_command_line"],
+    "aim": ["--ignore=tests/test_distributed.py", *AIM],
+    "aim, two processes": ["tests/test_distributed.py", *AIM],
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import RENDERED_TESTS, TASKS, read_answers, run_ok
+from helpers import RENDERED_TESTS, RENDERS, TASKS, read_answers, run_ok
 
 # Jinja tags left in rendered text: `{{ expression }}`, `{% statement`, `{# comment`.
 # Not flagged: GitHub Actions' ${{ ... }} (removed before searching) and the escaped braces
@@ -134,7 +134,8 @@ def test_only_the_chosen_tasks_leave_files(project):
 
 
 @pytest.mark.rendered_suite
-def test_rendered_suite(project, request):
+@pytest.mark.parametrize("part", list(RENDERED_TESTS))
+def test_rendered_suite(render, part):
     """The rendered project's own tests pass, offline, without installing it: in each render,
     those that it alone runs on its code (helpers.RENDERED_TESTS). Between them, every test of
     every task:
@@ -145,9 +146,9 @@ def test_rendered_suite(project, request):
       evaluation, config) on the image classification, causal LM and seq2seq toys, each with its
       tracker; the tools that branch on no task (mistakes table, sweeps, report) run once, in
       defaults."""
-    selection = RENDERED_TESTS[request.node.callspec.id]
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection]
-    run_ok(command, cwd=project, timeout=1800)
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    project = render(**RENDERS[part.split(",")[0]])
+    run_ok([*command, *RENDERED_TESTS[part]], cwd=project, timeout=1800)
 
 
 @pytest.mark.rendered_suite
