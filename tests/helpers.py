@@ -79,8 +79,8 @@ NOT_PROCESS_TESTS = [f"--ignore={path}" for path in PROCESS_TESTS]
 #   tests and the default command line (with its tracker);
 # - each single-task render: the task seam's tests on its own task's toy, with its tracker, less
 #   the tests that name its task (the aim render runs those).
-# The two longest suites are cut in two, so that `make test`'s workers (one per core) share the
-# work evenly whichever of them takes which part (one piece of 3 minutes left a core idle).
+# The two longest suites run as two items each, smaller pieces for `make test`'s workers (one per
+# core) to share; how evenly xdist packs them still varies from run to run (292 s to 386 s).
 AIM = ["-k", f"{OTHER_TASKS} or test_config or default_command_line"]
 RENDERED_TESTS = {
     "defaults": NOT_PROCESS_TESTS,

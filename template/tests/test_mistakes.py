@@ -230,13 +230,12 @@ def test_mistake_gets_one_clear_message_and_loses_nothing(
     for arg in mistake.args:
         args += toy_overrides if arg == TOY else [arg.format(tmp=tmp_path)]
     args.append(f"hydra.run.dir={tmp_path / 'run'}")  # a run folder of the row's own, also for in-process runs
+    capsys.readouterr()  # drop what `prepare` printed
     if mistake.launcher:
         code, output = run_process(mistake, args)
     elif mistake.interrupt_after:
-        capsys.readouterr()
         code, output = run_interrupted(mistake, args, tmp_path / "run" / "train.log", capsys)
     else:
-        capsys.readouterr()  # drop what `prepare` printed
         code, output = run_in_process(mistake.script, args, capsys)
 
     assert code == mistake.code, output
