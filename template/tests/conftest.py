@@ -5,7 +5,11 @@ import importlib
 import os
 import random
 import runpy
+import signal
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +61,55 @@ def run_in_process(script: str, args: list, capsys=None) -> tuple:
         return code, ""
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+class ForkedScript:
+    """`python script args` as a process of its own, forked from this one: a real process, which a signal can kill
+    and which can join a process group, that inherits this process's imports instead of paying seconds for them
+    (Accelerate's debug_launcher and notebook_launcher start their processes the same way). It runs on one thread,
+    as torchrun's ranks do: after a fork, OpenMP hangs in a parallel region that the parent's threads served."""
+
+    def __init__(self, script: str, args: list, output: Path, cwd: Path = PROJECT_ROOT, env: dict | None = None):
+        self.output = output  # the child's stdout and stderr
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with warnings.catch_warnings():  # Python 3.12+ warns of forking a process that has threads; the child
+            warnings.simplefilter("ignore", DeprecationWarning)  # only runs the script, then exits
+            self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                with open(output, "w") as file:
+                    os.dup2(file.fileno(), 1)
+                    os.dup2(file.fileno(), 2)
+                sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+                os.chdir(cwd)
+                os.environ.update({**(env or {}), "OMP_NUM_THREADS": "1"})
+                torch.set_num_threads(1)
+                reset_accelerate_state()
+                code = run_in_process(script, args)[0]
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)  # not pytest's exit handlers: they belong to the parent
+
+    def wait(self, timeout: float = 300) -> int:
+        """The exit status; a child still running after `timeout` seconds is killed and fails the test."""
+        deadline = time.monotonic() + timeout
+        while (status := os.waitpid(self.pid, os.WNOHANG)) == (0, 0):
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"{self.output.name}: still running after {timeout} s, so killed:\n{self.tail()}")
+            time.sleep(0.02)
+        return os.waitstatus_to_exitcode(status[1])
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+    def tail(self) -> str:
+        return self.output.read_text()[-4000:]
 
 
 # Accelerate keeps process-wide singletons: reset them before an Accelerator with other settings.

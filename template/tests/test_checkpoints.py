@@ -1,15 +1,11 @@
 """Checkpoints survive crashes and corruption; runs stop cleanly on early stopping or a bad loss."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from conftest import ForkedScript
 from safetensors.torch import load_file
 
 STEP = "step_{:08d}"
@@ -217,20 +213,14 @@ def test_run_killed_by_sigkill_resumes_losing_only_steps_since_its_last_checkpoi
 ):
     run_dir = tmp_path / "killed"
     endless = [o for o in checkpointed if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100000"]
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *endless, f"hydra.run.dir={run_dir}"],
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=dict(os.environ),  # same thread count as this process: bit-equal arithmetic in both
-    )
+    torch.set_num_threads(1)  # the forked run's thread count here too: bit-equal arithmetic in both (reset after)
+    process = ForkedScript("train.py", [*endless, f"hydra.run.dir={run_dir}"], tmp_path / "killed.out")
     try:
         deadline = time.monotonic() + 120
         while len(pkg.checkpoints.list_complete(run_dir / "checkpoints")) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.kill()  # SIGKILL
     found = pkg.checkpoints.list_complete(run_dir / "checkpoints")
     assert len(found) >= 2, "the run made no checkpoints before the deadline"
     last = pkg.checkpoints.read_record(found[-1])["trainer"]["step"]

@@ -2,13 +2,10 @@
 folder; a pruner that provably prunes, a sweep that resumes where it stopped, and report.py on the sweep's folder."""
 
 import json
-import os
-import subprocess
-import sys
 
 import optuna
 import pytest
-from conftest import PROJECT_ROOT, run_in_process
+from conftest import ForkedScript, run_in_process
 
 STEPS = [
     "trainer.max_steps=12",
@@ -105,12 +102,10 @@ def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, 
 def test_two_workers_share_one_study(toy_overrides, tmp_path):
     folder = tmp_path / "sweep"
     fast = ["sweep.pruner=none", "sweep.sampler=random", "trainer.max_steps=4", "sweep.n_trials=2"]
-    command = [sys.executable, "sweep.py", *toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
-    workers = [subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, **output) for _ in range(2)]  # started together
-    outputs = [worker.communicate()[0].decode() for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    args = [*toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}"]
+    workers = [ForkedScript("sweep.py", args, tmp_path / f"worker_{n}.out") for n in range(2)]  # started together
+    statuses = [worker.wait() for worker in workers]
+    assert statuses == [0, 0], [worker.tail() for worker in workers]
 
     trials = study_of(folder).trials
     # Each worker stops once the study holds 2 finished trials; the other may be finishing one of its own by then.

@@ -455,6 +455,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
             file.writelines(to_json(record) + "\n" for record in records)
     shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "examples")
     accelerator.print(f"{cfg.split} ({metrics['examples']} examples): {shown}; predictions in {run_dir}")
+    del model  # before the process group goes, as in end(): else a 2-process evaluation can hang at exit
     accelerator.free_memory()
     accelerator.end_training()
     return {**result, "records": records}
