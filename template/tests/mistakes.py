@@ -23,7 +23,7 @@ class Mistake:
     prepare: Callable | None = None
     on_disk: list = field(default_factory=list)  # paths under {tmp} that must exist afterwards
     task: str | None = None  # the task whose toy TOY stands for (set for the rows of a task's file); None: the default
-    launcher: list = field(default_factory=list)  # runs `<launcher> script args` (a subprocess), e.g. accelerate
+    launcher: list = field(default_factory=list)  # runs `<launcher> script args` in a process of its own
     interrupt_after: str | None = None  # Ctrl-C (a real SIGINT) once the run's train.log shows this line
 
 

@@ -6,14 +6,13 @@ import hashlib
 import importlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import CHECKS_ON, PROJECT_ROOT, TASKS, run_in_process
+from accelerate.commands import accelerate_cli
+from conftest import CHECKS_ON, TASKS, ForkedScript, run_in_process
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first
 
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
@@ -88,7 +87,7 @@ MISTAKES = [
 ]
 
 
-ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
+ACCELERATE_LAUNCH = [accelerate_cli.__file__, "launch"]  # the `accelerate` command: its entry point's module
 LONG_RUN = [TOY, "trainer.max_steps=100000", "checks.enabled=false"]  # still training when Ctrl-C comes
 
 MISTAKES += [
@@ -183,10 +182,11 @@ def files_and_digests(folder: Path) -> dict:
     return {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.rglob("*") if path.is_file()}
 
 
-def run_process(mistake: Mistake, args: list) -> tuple:
-    """Run the row's command under its launcher, in a process of its own."""
-    done = subprocess.run([*mistake.launcher, mistake.script, *args], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    return done.returncode, done.stdout + done.stderr
+def run_launched(mistake: Mistake, args: list, output: Path) -> tuple:
+    """Run the row's command under its launcher, in a process of its own (forked: the launcher's imports are this
+    process's), which starts the script as the launcher does."""
+    launcher = ForkedScript(mistake.launcher[0], [*mistake.launcher[1:], mistake.script, *args], output)
+    return launcher.wait(), output.read_text()
 
 
 def run_interrupted(mistake: Mistake, args: list, log: Path, capsys) -> tuple:
@@ -232,7 +232,7 @@ def test_mistake_gets_one_clear_message_and_loses_nothing(
     args.append(f"hydra.run.dir={tmp_path / 'run'}")  # a run folder of the row's own, also for in-process runs
     capsys.readouterr()  # drop what `prepare` printed
     if mistake.launcher:
-        code, output = run_process(mistake, args)
+        code, output = run_launched(mistake, args, tmp_path / "launcher.out")
     elif mistake.interrupt_after:
         code, output = run_interrupted(mistake, args, tmp_path / "run" / "train.log", capsys)
     else:
