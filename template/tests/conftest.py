@@ -2,6 +2,7 @@
 
 import gc
 import importlib
+import logging
 import os
 import random
 import runpy
@@ -83,6 +84,7 @@ class ForkedScript:
                     os.dup2(file.fileno(), 1)
                     os.dup2(file.fileno(), 2)
                 sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+                logging.root.handlers.clear()  # earlier runs' handlers, on streams closed since: a new process has none
                 os.chdir(cwd)
                 os.environ.update({**(env or {}), "OMP_NUM_THREADS": "1"})
                 torch.set_num_threads(1)
