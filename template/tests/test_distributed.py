@@ -56,8 +56,8 @@ def launch_two_processes(cwd: Path, overrides: list) -> None:
 
 def fork_two_ranks(cwd: Path, overrides: list, script: str = "train.py", check: bool = True) -> tuple:
     """The two processes of that launch, forked from this one with the variables torchrun gives its ranks: what
-    the ranks do is the same, and the launch above already runs the real command once. Each `accelerate launch`
-    costs seconds of imports per process; a fork costs none. The first failing rank's exit status (0 unless
+    the ranks do is the same, and the test below runs the real command once. Each `accelerate launch` costs
+    seconds of imports per process; a fork costs none. The first failing rank's exit status (0 unless
     check=False) and both ranks' output."""
     world = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     ranks = [
@@ -89,7 +89,10 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
         "data.batch_size=4",  # per process
     ]
     checkpointed = [*overrides, "checkpoint.every_n_steps=5"]
-    launch_two_processes(tmp_path, checkpointed)  # into the default run folder: tmp_path/outputs/<stamp>
+    # The real `accelerate launch` for the default task. What the launcher does branches on no task, so the other
+    # tasks' two processes are forked, as are the later runs here (each launch costs seconds of imports).
+    launch = launch_two_processes if task == default_task else fork_two_ranks
+    launch(tmp_path, checkpointed)  # into the default run folder: tmp_path/outputs/<stamp>
 
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # one folder for both processes, not one each
@@ -121,15 +124,12 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
     assert evaluated["num_processes"] == 2 and evaluated["metrics"] == pytest.approx(result["metrics"], rel=1e-6)
     assert len((evaluation / "predictions.jsonl").read_text().splitlines()) == 33
 
-    # Resumed on two processes from step 5, mid-epoch (4 steps per epoch): the same weights, bit for bit. What two
-    # processes add to a resume (each rank's sampler position and random states) is the same for every task, and a
-    # launch takes seconds: the default task's run checks it (every task's resume on one process: test_train.py).
-    if task == default_task:
-        resumed_dir = tmp_path / "resumed"
-        resumed_args = [*checkpointed, f"hydra.run.dir='{resumed_dir}'", f"resume='{checkpoints[0]}'"]
-        fork_two_ranks(tmp_path, resumed_args)
-        resumed = load_file(resumed_dir / "model" / "model.safetensors")
-        assert all(torch.equal(two[name], resumed[name]) for name in two)
+    # Resumed on two processes from step 5, mid-epoch (4 steps per epoch): the same weights, bit for bit (each rank's
+    # sampler position and random states restored).
+    resumed_dir = tmp_path / "resumed"
+    fork_two_ranks(tmp_path, [*checkpointed, f"hydra.run.dir='{resumed_dir}'", f"resume='{checkpoints[0]}'"])
+    resumed = load_file(resumed_dir / "model" / "model.safetensors")
+    assert all(torch.equal(two[name], resumed[name]) for name in two)
 
     # Accelerate deals the seeded batches of 4 out in turn (process i takes batches i, i+2, ...), so optimizer step k
     # sees batches 2k and 2k+1: what one process sees with batch 4 and 2 accumulation steps. DDP averages the two
