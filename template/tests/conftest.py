@@ -97,14 +97,23 @@ class ForkedScript:
                 os._exit(code)  # not pytest's exit handlers: they belong to the parent
 
     def wait(self, timeout: float = 300) -> int:
-        """The exit status; a child still running after `timeout` seconds is killed and fails the test."""
-        deadline = time.monotonic() + timeout
-        while (status := os.waitpid(self.pid, os.WNOHANG)) == (0, 0):
-            if time.monotonic() > deadline:
+        """The exit status. A child still running after `timeout` seconds fails the test: it gets SIGTERM (a
+        launcher then stops the processes it started), and SIGKILL a minute later."""
+        status = self._status_within(timeout)
+        if status is None:
+            os.kill(self.pid, signal.SIGTERM)
+            if self._status_within(60) is None:
                 self.kill()
-                pytest.fail(f"{self.output.name}: still running after {timeout} s, so killed:\n{self.tail()}")
+            pytest.fail(f"{self.output.name}: still running after {timeout} s, so stopped:\n{self.tail()}")
+        return status
+
+    def _status_within(self, seconds: float) -> int | None:
+        deadline = time.monotonic() + seconds
+        while (done := os.waitpid(self.pid, os.WNOHANG)) == (0, 0):
+            if time.monotonic() > deadline:
+                return None
             time.sleep(0.02)
-        return os.waitstatus_to_exitcode(status[1])
+        return os.waitstatus_to_exitcode(done[1])
 
     def kill(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
