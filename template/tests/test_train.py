@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 def test_default_command_line_trains_evaluates_checkpoints_and_exports(tmp_path, capsys):
     run_dir = tmp_path / "run"
     overrides = ["trainer.max_steps=30", "trainer.eval_every_n_steps=15", "checkpoint.every_n_steps=10"]
-    # The real train.py in this process (a new interpreter proves nothing more here: the Ctrl-C rows of
-    # test_mistakes.py and the SIGKILL test of test_checkpoints.py start train.py in processes of their own).
+    # The real train.py in this process (a new interpreter proves nothing more here: the SIGKILL test of
+    # test_checkpoints.py and the two-process test run train.py in processes of their own).
     code, output = run_in_process("train.py", [*overrides, f"hydra.run.dir={run_dir}"], capsys)
     assert code == 0, output[-4000:]
     assert "validation " in output
