@@ -79,17 +79,15 @@ NOT_PROCESS_TESTS = [f"--ignore={path}" for path in PROCESS_TESTS]
 #   tests and the default command line (with its tracker);
 # - each single-task render: the task seam's tests on its own task's toy, with its tracker, less
 #   the tests that name its task (the aim render runs those).
-# The two longest suites run as two items each, smaller pieces for `make test`'s workers (one per
-# core) to share; how evenly xdist packs them still varies from run to run (292 s to 386 s).
-AIM = ["-k", f"{OTHER_TASKS} or test_config or default_command_line"]
+# The longest suite, the defaults', runs as two items, smaller pieces for `make test`'s workers (one
+# per core) to share.
 RENDERED_TESTS = {
     "defaults": NOT_PROCESS_TESTS,
     "defaults, processes": PROCESS_TESTS,
     "minimal": [*TASK_SEAM_TESTS, "-k", "not image_classification"],
     "wandb": [*TASK_SEAM_TESTS, "-k", "not causal_lm"],
     "mlflow": [*TASK_SEAM_TESTS, "-k", "not seq2seq"],
-    "aim": ["--ignore=tests/test_distributed.py", *AIM],
-    "aim, two processes": ["tests/test_distributed.py", *AIM],
+    "aim": ["-k", f"{OTHER_TASKS} or test_config or default_command_line"],
 }
 
 
