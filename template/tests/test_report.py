@@ -35,6 +35,17 @@ def lines_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def eval_metrics(line: dict) -> dict:
+    """The metrics of an evaluation's line of metrics.jsonl, named as metrics.json names them."""
+    return {key.removeprefix("eval/"): value for key, value in line.items() if key.startswith("eval/")}
+
+
+def test_a_run_that_ends_between_evaluations_evaluates_its_final_model(pkg, make_config, toy_overrides, tmp_path):
+    result = pkg.loop.train(make_config(*toy_overrides, *STEPS, "trainer.max_steps=6"), tmp_path)
+    evals = [line for line in lines_of(tmp_path) if "eval/loss" in line]
+    assert [line["step"] for line in evals] == [4, 6] and result["metrics"] == eval_metrics(evals[-1])
+
+
 def check_metrics_file(run_dir):
     """The lines of one toy run (lr 1e-4) of the multirun: training steps, evaluations, the summary last."""
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
@@ -42,8 +53,8 @@ def check_metrics_file(run_dir):
     train = [line for line in lines if "train/loss" in line]
     evals = [line for line in lines if "eval/loss" in line]
     assert [line["step"] for line in train] == list(range(2, 13, 2))
-    # every 4 steps, then the final evaluation (at step 12 again: the exported model's)
-    assert [line["step"] for line in evals] == [4, 8, 12, 12]
+    # every 4 steps; the run ends on step 12's evaluation, so the exported model is not evaluated twice
+    assert [line["step"] for line in evals] == [4, 8, 12]
     for line in train:
         assert line["train/lr"] == pytest.approx(1e-4) and math.isfinite(line["train/loss"])
         # examples/s times s/step is the examples of one optimizer step: the batch (the toy has whole batches only)
@@ -54,6 +65,7 @@ def check_metrics_file(run_dir):
         assert line["elapsed"] >= 0 and line["time"] > 0
     assert lines[-1]["summary"] == json.loads((run_dir / "metrics.json").read_text())
     assert lines[-1]["summary"]["mode"] in ("min", "max")
+    assert lines[-1]["summary"]["metrics"] == eval_metrics(evals[-1])
 
 
 def test_runs_record_metrics_and_report_compares_them(multirun, tmp_path, capsys):

@@ -60,7 +60,7 @@ def test_the_median_pruner_stops_trials_that_learn_nothing(toy_overrides, tmp_pa
             finished_at_4 = [finished.intermediate_values[4] for finished in trials[:2]]
             assert trial.intermediate_values[4] > max(finished_at_4)
         else:
-            assert steps == [4, 8, 12, 12] and lines_of(run_dir)[-1]["summary"]["step"] == 12
+            assert steps == [4, 8, 12] and lines_of(run_dir)[-1]["summary"]["step"] == 12
     assert "PRUNED" in output and "best: trial" in output
 
     # report.py reads the sweep's folder like a multirun's: one row per trial, the learning rate as what differs.

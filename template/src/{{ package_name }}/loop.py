@@ -184,6 +184,7 @@ class Run:
     # Called with (step, metrics) after each evaluation during training; what it raises ends the run (a sweep's
     # pruner stops a losing trial so).
     on_evaluation: Callable[[int, dict], None] | None = None
+    evaluated_step: int | None = None  # the step that state["metrics"] was measured at, in this process
     # cfg.trainer as a plain dataclass, for the code that runs every step: reading a key of a DictConfig costs tens
     # of microseconds, a few percent of a tiny model's step when the loop reads a handful of them.
     trainer: TrainerConfig = field(init=False)
@@ -289,6 +290,7 @@ def evaluate_and_decide(run: Run) -> None:
     """Evaluate, log, keep the best model, and decide on early stopping together with every process."""
     accelerator, state, step = run.accelerator, run.state, run.state["step"]
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
+    run.evaluated_step = step
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=step)
     if run.on_evaluation is not None:
         run.on_evaluation(step, state["metrics"])
@@ -358,8 +360,10 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
     """Evaluate the final model, export it, end the trackers and write metrics.json (`started`: the perf_counter
     when the run began)."""
     accelerator, state = run.accelerator, run.state
-    state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
-    accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
+    # A run that ends on an evaluation step (the default runs, early stopping) has just evaluated this very model.
+    if run.evaluated_step != state["step"]:
+        state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
+        accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
     checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model")
     end(run)
     result = {
