@@ -7,6 +7,7 @@ import os
 import random
 import runpy
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -64,6 +65,11 @@ def run_in_process(script: str, args: list, capsys=None) -> tuple:
     return code, captured.out + captured.err
 
 
+# Where forking a process that holds torch is safe (Linux); elsewhere (macOS's system libraries, Windows) ForkedScript
+# starts a new interpreter instead.
+CAN_FORK = sys.platform == "linux"
+
+
 class ForkedScript:
     """`python script args` as a process of its own, forked from this one: a real process, which a signal can kill
     and which can join a process group, that inherits this process's imports instead of paying seconds for them
@@ -72,6 +78,13 @@ class ForkedScript:
 
     def __init__(self, script: str, args: list, output: Path, cwd: Path = PROJECT_ROOT, env: dict | None = None):
         self.output = output  # the child's stdout and stderr
+        env = {**(env or {}), "OMP_NUM_THREADS": "1"}
+        self.process = None
+        if not CAN_FORK:
+            with open(output, "w") as file:
+                command = [sys.executable, str(PROJECT_ROOT / script), *args]
+                self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=file, stderr=file)
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         with warnings.catch_warnings():  # Python 3.12+ warns of forking a process that has threads; the child
@@ -86,7 +99,7 @@ class ForkedScript:
                 sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
                 logging.root.handlers.clear()  # earlier runs' handlers, on streams closed since: a new process has none
                 os.chdir(cwd)
-                os.environ.update({**(env or {}), "OMP_NUM_THREADS": "1"})
+                os.environ.update(env)
                 torch.set_num_threads(1)
                 reset_accelerate_state()
                 code = run_in_process(script, args)[0]
@@ -101,26 +114,36 @@ class ForkedScript:
         launcher then stops the processes it started), and SIGKILL a minute later."""
         status = self._status_within(timeout)
         if status is None:
-            os.kill(self.pid, signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             if self._status_within(60) is None:
                 self.kill()
             pytest.fail(f"{self.output.name}: still running after {timeout} s, so stopped:\n{self.tail()}")
         return status
 
-    def _status_within(self, seconds: float) -> int | None:
-        deadline = time.monotonic() + seconds
-        while (done := os.waitpid(self.pid, os.WNOHANG)) == (0, 0):
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.02)
-        return os.waitstatus_to_exitcode(done[1])
-
     def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
+        self._signal(signal.SIGKILL)
+        self._status_within(60)
 
     def tail(self) -> str:
         return self.output.read_text()[-4000:]
+
+    def _signal(self, number: int) -> None:
+        if self.process is None:
+            os.kill(self.pid, number)
+        else:
+            self.process.send_signal(number)
+
+    def _status_within(self, seconds: float) -> int | None:
+        deadline = time.monotonic() + seconds
+        while (status := self._status()) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return status
+
+    def _status(self) -> int | None:
+        if self.process is not None:
+            return self.process.poll()
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if pid else None
 
 
 # Accelerate keeps process-wide singletons: reset them before an Accelerator with other settings.
