@@ -65,11 +65,6 @@ def run_in_process(script: str, args: list, capsys=None) -> tuple:
     return code, captured.out + captured.err
 
 
-# Where forking a process that holds torch is safe (Linux); elsewhere (macOS's system libraries, Windows) ForkedScript
-# starts a new interpreter instead.
-CAN_FORK = sys.platform == "linux"
-
-
 class ForkedScript:
     """`python script args` as a process of its own, forked from this one: a real process, which a signal can kill
     and which can join a process group, that inherits this process's imports instead of paying seconds for them
@@ -80,7 +75,9 @@ class ForkedScript:
         self.output = output  # the child's stdout and stderr
         env = {**(env or {}), "OMP_NUM_THREADS": "1"}
         self.process = None
-        if not CAN_FORK:
+        # A new interpreter instead where a fork is not safe: off Linux (macOS's system libraries, Windows), or once
+        # this process has used CUDA, which a forked child cannot.
+        if sys.platform != "linux" or torch.cuda.is_initialized():
             with open(output, "w") as file:
                 command = [sys.executable, str(PROJECT_ROOT / script), *args]
                 self.process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=file, stderr=file)
