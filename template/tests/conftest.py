@@ -74,7 +74,7 @@ class ForkedScript:
     def __init__(self, script: str, args: list, output: Path, cwd: Path = PROJECT_ROOT, env: dict | None = None):
         self.output = output  # the child's stdout and stderr
         env = {**(env or {}), "OMP_NUM_THREADS": "1"}
-        self.process = None
+        self.process, self.returncode = None, None
         # A new interpreter instead where a fork is not safe: off Linux (macOS's system libraries, Windows), or once
         # this process has used CUDA, which a forked child cannot.
         if sys.platform != "linux" or torch.cuda.is_initialized():
@@ -118,8 +118,10 @@ class ForkedScript:
         return status
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-        self._status_within(60)
+        """SIGKILL, unless the child has ended already."""
+        if self._status() is None:
+            self._signal(signal.SIGKILL)
+            self._status_within(60)
 
     def tail(self) -> str:
         return self.output.read_text()[-4000:]
@@ -137,10 +139,11 @@ class ForkedScript:
         return status
 
     def _status(self) -> int | None:
-        if self.process is not None:
-            return self.process.poll()
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        return os.waitstatus_to_exitcode(status) if pid else None
+        if self.returncode is None and self.process is not None:
+            self.returncode = self.process.poll()
+        elif self.returncode is None and (waited := os.waitpid(self.pid, os.WNOHANG))[0]:
+            self.returncode = os.waitstatus_to_exitcode(waited[1])
+        return self.returncode
 
 
 # Accelerate keeps process-wide singletons: reset them before an Accelerator with other settings.

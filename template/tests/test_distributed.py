@@ -48,7 +48,11 @@ def fork_two_ranks(cwd: Path, overrides: list, script: str = "train.py", check: 
         )
         for rank in range(2)
     ]
-    statuses = [rank.wait() for rank in ranks]
+    try:
+        statuses = [rank.wait() for rank in ranks]
+    finally:
+        for rank in ranks:  # a rank that failed its test leaves no process behind
+            rank.kill()
     output = "\n".join(rank.tail() for rank in ranks)
     assert statuses == [0, 0] or not check, output
     return next((status for status in statuses if status), 0), output
