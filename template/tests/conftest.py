@@ -146,6 +146,16 @@ class ForkedScript:
         return self.returncode
 
 
+def wait_all(scripts: list) -> list:
+    """Each ForkedScript's exit status. When a wait fails the test, the others are killed: a failed test leaves no
+    process behind."""
+    try:
+        return [script.wait() for script in scripts]
+    finally:
+        for script in scripts:
+            script.kill()
+
+
 # Accelerate keeps process-wide singletons: reset them before an Accelerator with other settings.
 reset_accelerate_state = importlib.import_module(f"{PACKAGE}.launch").reset_accelerate_state
 

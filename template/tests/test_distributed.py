@@ -12,7 +12,7 @@ from accelerate.commands import accelerate_cli
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DistributedType
-from conftest import CHECKS_ON, CONFIG_DIR, PROJECT_ROOT, TASKS, ForkedScript, toy_overrides_for
+from conftest import CHECKS_ON, CONFIG_DIR, PROJECT_ROOT, TASKS, ForkedScript, toy_overrides_for, wait_all
 from safetensors.torch import load_file
 
 
@@ -48,11 +48,7 @@ def fork_two_ranks(cwd: Path, overrides: list, script: str = "train.py", check: 
         )
         for rank in range(2)
     ]
-    try:
-        statuses = [rank.wait() for rank in ranks]
-    finally:
-        for rank in ranks:  # a rank that failed its test leaves no process behind
-            rank.kill()
+    statuses = wait_all(ranks)
     output = "\n".join(rank.tail() for rank in ranks)
     assert statuses == [0, 0] or not check, output
     return next((status for status in statuses if status), 0), output

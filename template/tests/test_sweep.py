@@ -5,7 +5,7 @@ import json
 
 import optuna
 import pytest
-from conftest import ForkedScript, run_in_process
+from conftest import ForkedScript, run_in_process, wait_all
 
 STEPS = [
     "trainer.max_steps=12",
@@ -104,7 +104,7 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
     fast = ["sweep.pruner=none", "sweep.sampler=random", "trainer.max_steps=4", "sweep.n_trials=2"]
     args = [*toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}"]
     workers = [ForkedScript("sweep.py", args, tmp_path / f"worker_{n}.out") for n in range(2)]  # started together
-    statuses = [worker.wait() for worker in workers]
+    statuses = wait_all(workers)
     assert statuses == [0, 0], [worker.tail() for worker in workers]
 
     trials = study_of(folder).trials
