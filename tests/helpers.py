@@ -64,8 +64,8 @@ TASK_SEAM_TESTS = [
     ]
 ]
 
-# The generated tests that start real processes: the two-process runs, the launcher and Ctrl-C
-# rows of the mistakes table, two sweep workers.
+# The generated tests that start real processes: the two-process runs, the launcher rows of the
+# mistakes table, two sweep workers (the Ctrl-C rows run in the test's own process).
 PROCESS_TESTS = ["tests/test_distributed.py", "tests/test_mistakes.py", "tests/test_sweep.py"]
 NOT_PROCESS_TESTS = [f"--ignore={path}" for path in PROCESS_TESTS]
 
