@@ -89,6 +89,9 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
         with loading(cfg.name_or_path):
             return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
     config = AutoConfig.for_model(cfg.model_type, **{**OmegaConf.to_container(cfg.config), **scratch_kwargs})
+    # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
+    # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
+    config.architectures = config.architectures or []
     return auto_class.from_config(config)
 
 
