@@ -99,6 +99,14 @@ MISTAKES += [
         "unknown evaluate key", ["+splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
     ),
     Mistake("missing data file", [TOY, "data.files.train={tmp}/none.csv"], "data.files.train: no such file"),
+    # Files without data=files: the default data is a built-in dataset, by name. (Hydra's own message for the plain
+    # form; the ++ form composes, and validation names both keys.)
+    Mistake("data files without data=files", ["data.files={{train:{tmp}/t.csv}}"], "Could not override 'data.files'"),
+    Mistake(
+        "data files forced without data=files",
+        ["++data.files={{train:{tmp}/t.csv}}"],
+        "data: set exactly one of data.name (a hub or built-in dataset; now ",
+    ),
     # Models: a path that is not there, a folder with a file missing or cut short.
     Mistake("relative model path", [TOY, "model.name_or_path=outputs/nothing/model"], ": no such folder"),
     Mistake("dotted model path", [TOY, "model.name_or_path=./nothing"], "model.name_or_path=./nothing: no such folder"),

@@ -112,8 +112,9 @@ class DataConfig:
     name: str | None = None
     subset: str | None = None
     # Local files per split, e.g. {train: train.csv, validation: val.csv}; csv, json(l) or parquet; or image folders
-    # (<folder>/<label>/<image files>, datasets' imagefolder).
-    files: dict[str, str] | None = None
+    # (<folder>/<label>/<image files>, datasets' imagefolder). Empty, not null, when unused: OmegaConf cannot merge
+    # `data.files={train: ...}` into a null.
+    files: dict[str, str] | None = field(default_factory=dict)
     train_split: str = "train"
     eval_split: str = "validation"
     # Used when the dataset has no `eval_split`: this fraction of train is held out.
@@ -401,10 +402,10 @@ def validate(cfg: DictConfig) -> None:
     problems += range_problems(TrainConfig, cfg, "")
     problems += _task_problems(cfg) + _model_problems(cfg.model)
     data = cfg.data
-    if (data.name is None) == (data.files is None):
+    if (data.name is None) == (not data.files):
         problems.append(
-            "data: set exactly one of data.name (a hub or built-in dataset) "
-            "and data.files (local csv/json/parquet files or image folders per split)"
+            f"data: set exactly one of data.name (a hub or built-in dataset; now {data.name}) and data.files (local "
+            "csv/json/parquet files or image folders per split; data=files sets it, with data.name=null)"
         )
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
         problems.append(

@@ -53,7 +53,7 @@ def _file_problem(path: Path, file_format: str, error: Exception) -> str:
 def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
     """The dataset of the `data` config: local files per split, a task's built-in dataset, or a hub id. Each split
     records where it came from (`source`), for messages about its rows."""
-    if cfg.files is not None:
+    if cfg.files:
         files = {split: Path(path).expanduser() for split, path in cfg.files.items()}
         for split, path in files.items():
             if not path.exists():

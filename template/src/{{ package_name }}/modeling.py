@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
@@ -44,6 +45,16 @@ def _readable(path: Path) -> bool:
         return False
 
 
+@contextmanager
+def refused_config(what: str) -> Iterator[None]:
+    """A value of model.config that the model refuses while it is built (0 attention heads, a hidden size that the
+    heads do not divide, ...) as a ConfigError naming model.config, not a traceback from inside the model."""
+    try:
+        yield
+    except (ValueError, TypeError, ZeroDivisionError, AssertionError, RuntimeError, StrictDataclassError) as error:
+        raise ConfigError(f"model.config does not make {what}: {type(error).__name__}: {error}") from error
+
+
 def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     """Your own module class, built with `model.config` as keyword arguments, plus those of `task_kwargs`
     (num_labels, vocab_size, ...) that its __init__ takes; its weights come from `model.name_or_path` if set."""
@@ -66,7 +77,8 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
             f"its own weights ({WEIGHTS_FILE} of a train.py export); for a pretrained transformers model choose "
             f"model=pretrained model.name_or_path={cfg.name_or_path}"
         )
-    module = module_class(**kwargs)
+    with refused_config(cfg._target_):
+        module = module_class(**kwargs)
     if folder is not None:
         with loading(cfg.name_or_path):
             module.load_state_dict(load_file(folder / WEIGHTS_FILE))
@@ -88,11 +100,12 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
             )
         with loading(cfg.name_or_path):
             return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
-    config = AutoConfig.for_model(cfg.model_type, **{**OmegaConf.to_container(cfg.config), **scratch_kwargs})
-    # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
-    # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
-    config.architectures = config.architectures or []
-    return auto_class.from_config(config)
+    with refused_config(f"a {cfg.model_type} model"):
+        config = AutoConfig.for_model(cfg.model_type, **{**OmegaConf.to_container(cfg.config), **scratch_kwargs})
+        # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
+        # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
+        config.architectures = config.architectures or []
+        return auto_class.from_config(config)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
