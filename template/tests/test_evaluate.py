@@ -25,8 +25,9 @@ def test_exported_model_and_checkpoint_evaluate_to_what_training_reported(pkg, m
 
     reset_accelerate_state()
     checkpoint = tmp_path / "train" / "checkpoints" / "step_00000006"
-    # Only the data comes from the command line: the task and model configs are the checkpoint's own.
-    data = [o for o in overrides if o.startswith("data")]
+    # Only the data (and no tracker, as in every toy run) comes from the command line: the task and model configs are
+    # the checkpoint's own.
+    data = [o for o in overrides if o.startswith("data")] + ["trainer.log_with=none"]
     from_checkpoint = make_config(f"checkpoint_path='{checkpoint}'", *data, config_name="evaluate")
     result = pkg.loop.evaluate_saved(from_checkpoint, tmp_path / "checkpoint")
     assert result["metrics"] == trained["metrics"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands import accelerate_cli
+from accelerate.tracking import get_available_trackers
 from conftest import CHECKS_ON, TASKS, ForkedScript, run_in_process
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first
 
@@ -86,6 +87,14 @@ MISTAKES = [
     ),
 ]
 
+
+# A tracker this environment lacks (a project installs only its own): without the check Accelerate would leave it out
+# without a word, and the run would log nowhere.
+MISSING_TRACKERS = [name for name in ("wandb", "mlflow", "aim") if name not in map(str, get_available_trackers())]
+MISTAKES += [
+    Mistake("tracker not installed", [TOY, f"trainer.log_with={name}"], f"the {name} package is not installed here")
+    for name in MISSING_TRACKERS[:1]
+]
 
 ACCELERATE_LAUNCH = [accelerate_cli.__file__, "launch"]  # the `accelerate` command: its entry point's module
 LONG_RUN = [TOY, "trainer.max_steps=100000", "checks.enabled=false"]  # still training when Ctrl-C comes

@@ -13,6 +13,7 @@ import accelerate.optimizer
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_model
@@ -51,6 +52,13 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
+    available = {str(tracker) for tracker in get_available_trackers()}
+    if cfg.log_with != Tracker.none and cfg.log_with.value not in available:  # Accelerate would drop it silently
+        installed = [choice.value for choice in Tracker if choice.value in available or choice == Tracker.none]
+        raise ConfigError(
+            f"trainer.log_with={cfg.log_with.value}: the {cfg.log_with.value} package is not installed here (pip "
+            f"install {cfg.log_with.value}); the choices installed: {', '.join(installed)} (none: metrics.jsonl only)"
+        )
     accelerator = Accelerator(
         cpu=launch.use_cpu(cfg.cpu),  # several processes on a machine without GPUs: one gloo group on the CPU
         mixed_precision=cfg.mixed_precision.value,
