@@ -153,6 +153,12 @@ MISTAKES += [
     Mistake(
         "evaluate a missing model", [TOY, "model.name_or_path={tmp}/nothing"], "no such folder", script="evaluate.py"
     ),
+    Mistake(  # without either, it would evaluate a model built from scratch: numbers of no model anyone trained
+        "evaluate with neither a model nor a checkpoint",
+        [TOY, "model.name_or_path=null"],
+        "evaluate.py evaluates a trained model: give model.name_or_path=",
+        script="evaluate.py",
+    ),
     # Preflight: a check that fails names itself and its off switch.
     Mistake(
         "preflight check fails",

@@ -319,6 +319,8 @@ def range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
         value, key = node[f.name], prefix + f.name
         if is_dataclass(f.type):
             problems += range_problems(f.type, value, key + ".")
+        elif value is None:  # null, where the field allows it: no number to check
+            continue
         elif f.metadata.get("ge") is not None and not value >= f.metadata["ge"]:
             problems.append(f"{key}={value} is out of range: it must be >= {f.metadata['ge']}")
         elif f.metadata.get("gt") is not None and not value > f.metadata["gt"]:
@@ -406,6 +408,11 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             f"data: set exactly one of data.name (a hub or built-in dataset; now {data.name}) and data.files (local "
             "csv/json/parquet files or image folders per split; data=files sets it, with data.name=null)"
+        )
+    if "checkpoint_path" in cfg and cfg.checkpoint_path is None and cfg.model.name_or_path is None:
+        problems.append(  # evaluate.py: a model nobody trained (the default's, built from scratch) is not a result
+            "evaluate.py evaluates a trained model: give model.name_or_path=<run folder>/model (what train.py "
+            "exported, or a hub id with model=pretrained) or checkpoint_path=<run folder>/checkpoints/step_XXXXXXXX"
         )
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
         problems.append(

@@ -12,7 +12,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .config import ConfigError, model_folder
 
@@ -52,7 +52,8 @@ def refused_config(what: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, TypeError, ZeroDivisionError, AssertionError, RuntimeError, StrictDataclassError) as error:
-        raise ConfigError(f"model.config does not make {what}: {type(error).__name__}: {error}") from error
+        text = str(error) if len(str(error)) <= 300 else str(error)[:300] + " ..."  # not every class transformers has
+        raise ConfigError(f"model.config does not make {what}: {type(error).__name__}: {text}") from error
 
 
 def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
@@ -118,6 +119,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             "tokenizer into the model folder (tokenizer.save_pretrained(folder))"
         )
     return load_processor(AutoTokenizer, name_or_path)
+
+
+def load_config(name_or_path: str) -> PretrainedConfig:
+    """The config saved with a model (a folder or a hub id), with the same messages as the model's own loading."""
+    return load_processor(AutoConfig, name_or_path)
 
 
 def load_processor(auto_class, name_or_path: str):
