@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 from .errors import UserError
 
-FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Plain text: one row per paragraph (blank lines separate them) in a column "text", for the language-model tasks.
+FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 class DataError(UserError, ValueError):
@@ -26,7 +27,8 @@ def load_file(split: str, path: Path, file_format: str) -> Dataset:
     verbosity = datasets_logging.get_verbosity()
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its log of the parser error would come first
     try:
-        return load_dataset(file_format, data_files=str(path), split="train")
+        options = {"sample_by": "paragraph"} if file_format == "text" else {}
+        return load_dataset(file_format, data_files=str(path), split="train", **options)
     except Exception as error:  # datasets wraps the parser's error (pandas, pyarrow) in its own
         raise DataError(f"data.files.{split}={path}: {_file_problem(path, file_format, error)}") from error
     finally:

@@ -118,7 +118,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"model.name_or_path={name_or_path} has no tokenizer files (one of {list(TOKENIZER_FILES)}): save the "
             "tokenizer into the model folder (tokenizer.save_pretrained(folder))"
         )
-    return load_processor(AutoTokenizer, name_or_path)
+    tokenizer = load_processor(AutoTokenizer, name_or_path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Decoder-only models (GPT-2, Llama, Qwen, ...) ship without a padding token, and batches need one. The end
+        # of text pads, as in the transformers examples; padded positions are masked out.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
