@@ -15,6 +15,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import load as safe_load
 from omegaconf import DictConfig
 from safetensors.torch import save_file
+from transformers.utils import logging as transformers_logging
 
 from .config import KeepPolicy, MetricMode
 from .errors import UserError
@@ -176,7 +177,14 @@ def export(accelerator: Accelerator, model, processor, folder: Path) -> None:
         state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
         unwrapped = accelerator.unwrap_model(model)
         if hasattr(unwrapped, "save_pretrained"):
-            unwrapped.save_pretrained(folder, state_dict=state_dict)
+            # Without transformers' progress bar ("Writing model shards"): the run logs where its model went.
+            bars = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()
+            try:
+                unwrapped.save_pretrained(folder, state_dict=state_dict)
+            finally:
+                if bars:
+                    transformers_logging.enable_progress_bar()
         else:
             folder.mkdir(parents=True, exist_ok=True)
             # Copies: safetensors refuses tensors that share memory (tied weights).
