@@ -85,15 +85,16 @@ def source(dataset: Dataset) -> str:
     return dataset.info.description
 
 
-def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict) -> DatasetDict:
+def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: tuple = ()) -> DatasetDict:
     """`train` and `validation` (held out of train when the dataset has no `data.eval_split`), then any other
     split the dataset has (a test split, say). `columns` maps the task's config keys to the columns it needs:
-    every split must have them, without empty cells."""
+    every split must have them, without empty cells; those of the keys in `text` become strings."""
     raw = load_raw(cfg, builtin)
     if cfg.train_split not in raw:
         raise DataError(f"data.train_split={cfg.train_split!r} is not a split of the dataset; it has {list(raw)}")
-    for dataset in raw.values():
+    for name, dataset in raw.items():
         require_columns(dataset, columns)
+        raw[name] = as_text(dataset, {key: columns[key] for key in text})
     if cfg.eval_split in raw:
         splits = {"train": raw[cfg.train_split], "validation": raw[cfg.eval_split]}
     else:
@@ -119,6 +120,18 @@ def require_columns(dataset: Dataset, columns: dict) -> None:
                 f"{source(dataset)}: row {row}{others} has an empty cell in column {column!r} ({key}); "
                 "fill it or drop the row"
             )
+
+
+def as_text(dataset: Dataset, columns: dict) -> Dataset:
+    """The `columns` (config keys -> column names) as strings: a csv column of numbers only is read as numbers, and a
+    tokenizer takes text. Lists or records there are a DataError."""
+    for key, column in columns.items():
+        feature = dataset.features[column]
+        if not isinstance(feature, Value):
+            raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds {feature}, not text")
+        if feature.dtype not in ("string", "large_string"):
+            dataset = dataset.cast_column(column, Value("string"))
+    return dataset
 
 
 def training_subset(split, size: float | None, seed: int, stratify_by: str | None = None):
