@@ -116,28 +116,10 @@ MISTAKES += [
         ["++data.files={{train:{tmp}/t.csv}}"],
         "data: set exactly one of data.name (a hub or built-in dataset; now ",
     ),
-    # Models: a path that is not there, a folder with a file missing or cut short.
+    # Models: a path that is not there (a folder with a file missing or cut short: SAVED_MODEL_ROWS, below).
     Mistake("relative model path", [TOY, "model.name_or_path=outputs/nothing/model"], ": no such folder"),
     Mistake("dotted model path", [TOY, "model.name_or_path=./nothing"], "model.name_or_path=./nothing: no such folder"),
     Mistake("hub id not there", [TOY, "model.name_or_path=no-such-model"], "no such folder here, and from the hub"),
-    Mistake(
-        "model folder without config.json",
-        [TOY, "model.name_or_path={tmp}/model"],
-        "/model has no config.json, so it is not a save_pretrained folder",
-        prepare=copy_toy_model(drop=("config.json",)),
-    ),
-    Mistake(
-        "model folder without weights",
-        [TOY, "model.name_or_path={tmp}/model"],
-        "/model: Error no file named model.safetensors",
-        prepare=copy_toy_model(drop=("model.safetensors",)),
-    ),
-    Mistake(
-        "truncated weight file",
-        [TOY, "model.name_or_path={tmp}/model"],
-        "/model/model.safetensors is truncated or corrupt",
-        prepare=copy_toy_model(cut_short="model.safetensors"),
-    ),
     # Checkpoints and what evaluate.py loads.
     Mistake("resume from a missing folder", [TOY, "resume={tmp}/nothing"], "/nothing: no such folder"),
     Mistake(
@@ -195,10 +177,30 @@ MISTAKES += [
     ),
 ]
 # Each task's own rows (its data files, its model's parts), run on that task's toy.
+# A saved model folder with a file missing or cut short, for every task: each task loads its model its own way.
+SAVED_MODEL_ROWS = [
+    Mistake(
+        "model folder without config.json",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "/model has no config.json, so it is not a save_pretrained folder",
+        prepare=copy_toy_model(drop=("config.json",)),
+    ),
+    Mistake(
+        "model folder without weights",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "/model: Error no file named model.safetensors",
+        prepare=copy_toy_model(drop=("model.safetensors",)),
+    ),
+    Mistake(
+        "truncated weight file",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "/model/model.safetensors is truncated or corrupt",
+        prepare=copy_toy_model(cut_short="model.safetensors"),
+    ),
+]
 for task in TASKS:
-    MISTAKES += [
-        replace(row, task=task) for row in getattr(importlib.import_module(f"test_task_{task}"), "MISTAKES", [])
-    ]
+    own_rows = getattr(importlib.import_module(f"test_task_{task}"), "MISTAKES", [])
+    MISTAKES += [replace(row, task=task) for row in SAVED_MODEL_ROWS + own_rows]
 
 
 def files_and_digests(folder: Path) -> dict:
