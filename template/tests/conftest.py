@@ -216,13 +216,24 @@ def task_name(cfg) -> str:
 def toy_overrides_for(task: str, folder: Path, train_examples: int = 32, validation_examples: int | None = None):
     """The toy run of `task` (train = validation unless `validation_examples` asks for another count)."""
     toy = importlib.import_module(f"test_task_{task}").toy
+    folder.mkdir(parents=True, exist_ok=True)
     return [f"task={task}", *TOY_RUN, *toy(folder, train_examples, validation_examples)]
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--task",
+        choices=TASKS,
+        help="run the tests that use one task's toy (checks, resume, checkpoints, accumulation, ...) on this task "
+        "instead of the default one; the tests of every task run on every task either way",
+    )
+
+
 @pytest.fixture(scope="session")
-def default_task():
-    """The task that `python train.py` runs (the first one the project was generated with)."""
-    return task_name(compose_config())
+def default_task(request):
+    """The task whose toy the task-agnostic tests run: `pytest --task <name>`, or the one that `python train.py` runs
+    (the first one the project was generated with)."""
+    return request.config.getoption("--task") or task_name(compose_config())
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,11 @@ MISTAKES += [
         "unknown evaluate key", ["+splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
     ),
     Mistake("missing data file", [TOY, "data.files.train={tmp}/none.csv"], "data.files.train: no such file"),
+    Mistake(  # the tests run offline: a hub dataset that is not in the cache is not there
+        "dataset name neither built in nor on the hub",
+        ["data.name=no_such_dataset"],
+        "data.name=no_such_dataset: not a built-in dataset of this task",
+    ),
     # Files without data=files: the default data is a built-in dataset, by name. (Hydra's own message for the plain
     # form; the ++ form composes, and validation names both keys.)
     Mistake("data files without data=files", ["data.files={{train:{tmp}/t.csv}}"], "Could not override 'data.files'"),

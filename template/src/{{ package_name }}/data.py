@@ -73,11 +73,22 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
             raw = DatasetDict({split: load_file(split, path, file_format) for split, path in files.items()})
         sources = {split: f"data.files.{split}={path}" for split, path in files.items()}
     else:
-        raw = builtin[cfg.name]() if cfg.name in builtin else load_dataset(cfg.name, cfg.subset)
+        raw = builtin[cfg.name]() if cfg.name in builtin else load_hub_dataset(cfg, builtin)
         sources = {split: f"split {split} of data.name={cfg.name}" for split in raw}
     for split, dataset in raw.items():
         dataset.info.description = sources[split]  # kept through map, cast and train_test_split
     return raw
+
+
+def load_hub_dataset(cfg: DictConfig, builtin: dict) -> DatasetDict:
+    """`data.name` from the hub (or its cache); a name that is neither there nor built in is a DataError."""
+    try:
+        return load_dataset(cfg.name, cfg.subset)
+    except (ConnectionError, FileNotFoundError) as error:  # offline, or no such dataset
+        raise DataError(
+            f"data.name={cfg.name}: not a built-in dataset of this task (those are {sorted(builtin)}) and not found "
+            f"on the hub: {str(error).splitlines()[0]}"
+        ) from error
 
 
 def source(dataset: Dataset) -> str:
