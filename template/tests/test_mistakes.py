@@ -7,6 +7,7 @@ import importlib
 import os
 import signal
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,7 +111,7 @@ MISTAKES += [
     Mistake("missing data file", [TOY, "data.files.train={tmp}/none.csv"], "data.files.train: no such file"),
     Mistake(  # the tests run offline: a hub dataset that is not in the cache is not there
         "dataset name neither built in nor on the hub",
-        ["data.name=no_such_dataset"],
+        ["data.name=no_such_dataset", "trainer.log_with=none"],
         "data.name=no_such_dataset: not a built-in dataset of this task",
     ),
     # Files without data=files: the default data is a built-in dataset, by name. (Hydra's own message for the plain
@@ -223,13 +224,18 @@ def run_interrupted(mistake: Mistake, args: list, log: Path, capsys) -> tuple:
     """Run the row's command in this process and press Ctrl-C once its log shows the row's line: a real SIGINT, which
     Python turns into KeyboardInterrupt wherever the run is (a new interpreter would add 5 s of imports, nothing more).
     """
-    pressed, done = threading.Event(), threading.Event()
+    pressed, done, stuck = threading.Event(), threading.Event(), threading.Event()
+    deadline = time.monotonic() + 120  # a run that never logs the line would otherwise train on and on
 
     def press_ctrl_c() -> None:
         while not done.wait(0.05):
             if log.is_file() and mistake.interrupt_after in log.read_text():
                 os.kill(os.getpid(), signal.SIGINT)
                 pressed.set()
+                return
+            if time.monotonic() > deadline:
+                stuck.set()
+                os.kill(os.getpid(), signal.SIGINT)
                 return
 
     # A shell that runs a command in the background makes it ignore SIGINT; answer it as a terminal's process would.
@@ -242,6 +248,8 @@ def run_interrupted(mistake: Mistake, args: list, log: Path, capsys) -> tuple:
         done.set()
         presser.join()
         signal.signal(signal.SIGINT, previous)
+    log_text = log.read_text() if log.is_file() else "(no log)"
+    assert not stuck.is_set(), f"its log did not show {mistake.interrupt_after!r} in 120 s:\n{log_text[-3000:]}"
     assert pressed.is_set(), f"the run ended before its log showed {mistake.interrupt_after!r}:\n{output}"
     return code, output
 
