@@ -232,11 +232,15 @@ def run_interrupted(mistake: Mistake, args: list, log: Path, capsys) -> tuple:
             if log.is_file() and mistake.interrupt_after in log.read_text():
                 os.kill(os.getpid(), signal.SIGINT)
                 pressed.set()
-                return
+                break
             if time.monotonic() > deadline:
                 stuck.set()
                 os.kill(os.getpid(), signal.SIGINT)
-                return
+                break
+        # Python drops a KeyboardInterrupt raised while a finalizer runs (a garbage collection, say); a person would
+        # press again, and so does this, once the run is clearly still going.
+        while not done.wait(10):
+            os.kill(os.getpid(), signal.SIGINT)
 
     # A shell that runs a command in the background makes it ignore SIGINT; answer it as a terminal's process would.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
