@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands import accelerate_cli
-from accelerate.tracking import get_available_trackers
-from conftest import CHECKS_ON, TASKS, ForkedScript, run_in_process
+from conftest import CHECKS_ON, PACKAGE, TASKS, ForkedScript, run_in_process
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first
 
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
@@ -91,7 +90,8 @@ MISTAKES = [
 
 # A tracker this environment lacks (a project installs only its own): without the check Accelerate would leave it out
 # without a word, and the run would log nowhere.
-MISSING_TRACKERS = [name for name in ("wandb", "mlflow", "aim") if name not in map(str, get_available_trackers())]
+INSTALLED_TRACKERS = [choice.value for choice in importlib.import_module(f"{PACKAGE}.loop").installed_trackers()]
+MISSING_TRACKERS = [name for name in ("wandb", "mlflow", "aim") if name not in INSTALLED_TRACKERS]
 MISTAKES += [
     Mistake("tracker not installed", [TOY, f"trainer.log_with={name}"], f"the {name} package is not installed here")
     for name in MISSING_TRACKERS[:1]

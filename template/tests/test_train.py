@@ -6,17 +6,16 @@ import math
 import pytest
 import torch
 import yaml
-from accelerate.tracking import get_available_trackers
 from conftest import run_in_process
 from safetensors.torch import load_file
 
 
-def test_default_command_line_trains_evaluates_checkpoints_and_exports(make_config, tmp_path, capsys):
+def test_default_command_line_trains_evaluates_checkpoints_and_exports(pkg, make_config, tmp_path, capsys):
     run_dir = tmp_path / "run"
     overrides = ["trainer.max_steps=30", "trainer.eval_every_n_steps=15", "checkpoint.every_n_steps=10"]
     # The project's tracker, where it is installed (`pip install -e .` installs it; the template's own suite does not
     # install wandb, mlflow or aim, and train.py refuses a tracker that is not installed).
-    if make_config().trainer.log_with.value not in {str(tracker) for tracker in get_available_trackers()}:
+    if make_config().trainer.log_with not in pkg.loop.installed_trackers():
         overrides.append("trainer.log_with=none")
     # The real train.py in this process (a new interpreter proves nothing more here: the SIGKILL test of
     # test_checkpoints.py and the two-process test run train.py in processes of their own).

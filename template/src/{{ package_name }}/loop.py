@@ -51,13 +51,19 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
+def installed_trackers() -> list:
+    """The choices of trainer.log_with that can log here: none, and the trackers whose package is installed."""
     available = {str(tracker) for tracker in get_available_trackers()}
-    if cfg.log_with != Tracker.none and cfg.log_with.value not in available:  # Accelerate would drop it silently
-        installed = [choice.value for choice in Tracker if choice.value in available or choice == Tracker.none]
+    return [choice for choice in Tracker if choice == Tracker.none or choice.value in available]
+
+
+def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
+    installed = installed_trackers()
+    if cfg.log_with not in installed:  # Accelerate would leave it out without a word
         raise ConfigError(
             f"trainer.log_with={cfg.log_with.value}: the {cfg.log_with.value} package is not installed here (pip "
-            f"install {cfg.log_with.value}); the choices installed: {', '.join(installed)} (none: metrics.jsonl only)"
+            f"install {cfg.log_with.value}); the choices installed: {', '.join(choice.value for choice in installed)} "
+            "(none: metrics.jsonl only)"
         )
     accelerator = Accelerator(
         cpu=launch.use_cpu(cfg.cpu),  # several processes on a machine without GPUs: one gloo group on the CPU

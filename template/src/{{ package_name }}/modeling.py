@@ -86,6 +86,17 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     return module
 
 
+def pretrained_folder(name_or_path: str) -> Path | None:
+    """The local folder that `model.name_or_path` names (None for a hub id); one without config.json is refused."""
+    folder = model_folder(name_or_path)
+    if folder is not None and not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} has no config.json, so it is not a save_pretrained folder "
+            f"(weights of your own module, {WEIGHTS_FILE}, load with model._target_ set to its class)"
+        )
+    return folder
+
+
 def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kwargs: dict) -> torch.nn.Module:
     """The model of the `model` config. `auto_class` is the task's transformers Auto class; `pretrained_kwargs`
     go to its from_pretrained (a new head's labels, say), `scratch_kwargs` to the config of a model built from
@@ -93,12 +104,7 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     if cfg._target_ is not None:
         return build_own_module(cfg, scratch_kwargs)
     if cfg.name_or_path is not None:
-        folder = model_folder(cfg.name_or_path)
-        if folder is not None and not (folder / "config.json").is_file():
-            raise ConfigError(
-                f"model.name_or_path={cfg.name_or_path} has no config.json, so it is not a save_pretrained folder "
-                f"(weights of your own module, {WEIGHTS_FILE}, load with model._target_ set to its class)"
-            )
+        folder = pretrained_folder(cfg.name_or_path)
         with loading(cfg.name_or_path):
             return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
     with refused_config(f"a {cfg.model_type} model"):
@@ -127,7 +133,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
-    """The config saved with a model (a folder or a hub id), with the same messages as the model's own loading."""
+    """The config saved with a model (a save_pretrained folder or a hub id), with the model's own loading messages."""
+    pretrained_folder(name_or_path)
     return load_processor(AutoConfig, name_or_path)
 
 
