@@ -1,5 +1,7 @@
 """Shared fixtures: offline Hugging Face libraries, the real Hydra config, and each task's toy run."""
 
+import copy
+import functools
 import gc
 import importlib
 import logging
@@ -187,7 +189,14 @@ importlib.import_module(f"{PACKAGE}.config").register_configs()
 
 
 def compose_config(*overrides: str, return_hydra_config: bool = False, config_name: str = "train"):
-    """Compose the project's real Hydra config (configs/train.yaml, or evaluate.yaml) with command-line overrides."""
+    """Compose the project's real Hydra config (configs/train.yaml, or evaluate.yaml) with command-line overrides.
+    A copy of the first composition with the same arguments: nothing under configs/ changes during a session, and a
+    compose costs 0.1 s (a third of the suite's time was Hydra composing configs), a copy 2 ms."""
+    return copy.deepcopy(_composed(overrides, return_hydra_config, config_name))
+
+
+@functools.cache
+def _composed(overrides: tuple, return_hydra_config: bool, config_name: str):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
