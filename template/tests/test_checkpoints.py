@@ -121,6 +121,31 @@ def test_nonfinite_loss_stops_with_step_and_last_finite_loss_keeping_checkpoints
     pkg.checkpoints.verify(tmp_path / "checkpoints" / STEP.format(1))
 
 
+def test_nonfinite_loss_stops_before_the_next_checkpoint_even_between_log_steps(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    # trainer.nonfinite_loss=stop reads the losses when something leaves the run: here the checkpoint of step 3, long
+    # before the first log step. It names the first non-finite step, and that checkpoint is never written.
+    overrides = [*toy_overrides, *ABSURD_LR, "trainer.log_every_n_steps=100", "checkpoint.every_n_steps=3"]
+    with pytest.raises(pkg.loop.NonFiniteLossError, match=r"step 2: the training loss is (nan|inf).*was \d+\.\d+"):
+        pkg.loop.train(make_config(*overrides, "trainer.max_steps=20"), tmp_path)
+    assert pkg.checkpoints.list_complete(tmp_path / "checkpoints") == []
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_stop_guard_reads_no_loss_at_a_step_only_when_checked(pkg):
+    guard = pkg.loop.NonFiniteGuard(pkg.config.TrainerConfig(), pkg.loop.new_state(seed=0))
+    # A tensor on the meta device has no value to read: a per-step check (.item(), a host-device synchronization
+    # that leaves a GPU idle) would raise here.
+    assert all(guard.allows_update(step, torch.zeros((), device="meta")) for step in (1, 2, 3))
+    guard.unchecked.clear()
+    for step, loss in [(4, 2.5), (5, 1.5), (6, float("nan")), (7, float("inf"))]:
+        assert guard.allows_update(step, torch.tensor(loss))
+    with pytest.raises(pkg.loop.NonFiniteLossError, match="step 6: .* is nan; the last finite loss was 1.5"):
+        guard.check()
+    assert guard.losses == [2.5, 1.5]
+
+
 def strict_json(path):
     """The file's JSON, refusing the NaN and Infinity that Python's json module writes and reads by default."""
     return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path} holds {name}: not JSON"))

@@ -54,8 +54,10 @@ class MetricMode(Enum):
 
 
 class NonFiniteLoss(Enum):
-    stop = "stop"  # raise with the step and the last finite loss; checkpoints stay untouched
-    skip = "skip"  # drop that update, count it, go on
+    # raise with the step and the last finite loss; checkpoints stay untouched. Checked when the run logs, evaluates
+    # or saves, not at every step: no host-device synchronization per step
+    stop = "stop"
+    skip = "skip"  # drop that update, count it, go on (checked at every step: the update waits for it)
 
 
 class Tracker(Enum):

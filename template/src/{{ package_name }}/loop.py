@@ -179,6 +179,57 @@ class EarlyStopping:
 
 
 @dataclass
+class NonFiniteGuard:
+    """trainer.nonfinite_loss: what a NaN or infinite training loss does. `skip` must know before each update whether
+    to drop it, which costs a host-device synchronization per step (the GPU's queue runs dry while the host waits).
+    `stop`, the default, keeps the losses on the device until `check`, which the loop calls before anything leaves
+    the run (a log line, an evaluation, a checkpoint, the export) and which reads them in one transfer: a non-finite
+    step's update has then reached only the weights in memory, which the stopped run drops."""
+
+    trainer: TrainerConfig
+    state: dict
+    unchecked: list = field(default_factory=list)  # (step, its loss on the device) since the last check
+    losses: list = field(default_factory=list)  # each checked step's loss, a float
+
+    def allows_update(self, step: int, loss: torch.Tensor) -> bool:
+        if self.trainer.nonfinite_loss == NonFiniteLoss.stop:
+            self.unchecked.append((step, loss.detach()))
+            return True
+        value = loss.item()
+        self.losses.append(value)
+        if math.isfinite(value):
+            self.state["last_finite_loss"] = value
+            return True
+        if self.state["skipped_steps"] >= self.trainer.max_nonfinite_skips:
+            skipped = self.state["skipped_steps"]
+            why = f"{skipped} updates were skipped already, all that trainer.max_nonfinite_skips allows"
+            raise self.error(step, value, why, ", or raise trainer.max_nonfinite_skips")
+        self.state["skipped_steps"] += 1
+        logger.warning(f"step {step}: loss is {value}; update skipped ({self.state['skipped_steps']} so far)")
+        return False
+
+    def check(self) -> float | None:
+        """Raise NonFiniteLossError for the first non-finite loss not checked yet; return the latest loss."""
+        if self.unchecked:
+            steps, values = zip(*self.unchecked)
+            self.unchecked.clear()
+            for step, value in zip(steps, torch.stack(values).tolist()):
+                if not math.isfinite(value):
+                    advice = "; or set trainer.nonfinite_loss=skip to drop such updates and go on"
+                    raise self.error(step, value, "trainer.nonfinite_loss=stop", advice)
+                self.state["last_finite_loss"] = value
+                self.losses.append(value)
+        return self.losses[-1] if self.losses else None
+
+    def error(self, step: int, value: float, why: str, advice: str) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"step {step}: the training loss is {value}; the last finite loss was {self.state['last_finite_loss']}. "
+            f"Stopped ({why}): nothing was exported, and the checkpoints written so far are untouched. "
+            f"To go on: lower optimizer.lr or set trainer.max_grad_norm{advice}."
+        )
+
+
+@dataclass
 class Run:
     """One training run: its config and folder, the prepared objects, and the state its checkpoints hold."""
 
@@ -202,9 +253,11 @@ class Run:
     # cfg.trainer as a plain dataclass, for the code that runs every step: reading a key of a DictConfig costs tens
     # of microseconds, a few percent of a tiny model's step when the loop reads a handful of them.
     trainer: TrainerConfig = field(init=False)
+    guard: NonFiniteGuard = field(init=False)
 
     def __post_init__(self):
         self.trainer = OmegaConf.to_object(self.cfg.trainer)
+        self.guard = NonFiniteGuard(self.trainer, self.state)
 
 
 def new_state(seed: int) -> dict:
@@ -264,40 +317,19 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     return Run(cfg, run_dir, accelerator, task, *objects, stopping, state, resume_from, ranks)
 
 
-def train_step(run: Run, cycle: list) -> float:
-    """One optimizer step over a cycle of micro-batches; returns its mean loss per labelled item (NaN or inf
-    when the loss is not finite: then the update is skipped or the run stops, as trainer.nonfinite_loss says)."""
-    trainer, state = run.trainer, run.state
+def train_step(run: Run, cycle: list) -> None:
+    """One optimizer step over a cycle of micro-batches; its update is applied unless run.guard drops it."""
     loss_sum, items = accumulate_cycle(run.accelerator, run.task, run.model, cycle)
     if not run.accelerator.sync_gradients:  # the optimizer would silently skip this step
         raise RuntimeError("accumulation cycle out of step with Accelerate's gradient synchronization")
-    state["batches_seen"] += len(cycle)
-    state["step"] += 1
-    step, loss = state["step"], (loss_sum / items).item()  # the mean over every item of the cycle
-    if math.isfinite(loss):
-        if trainer.max_grad_norm > 0:
-            run.accelerator.clip_grad_norm_(run.model.parameters(), trainer.max_grad_norm)
+    run.state["batches_seen"] += len(cycle)
+    run.state["step"] += 1
+    if run.guard.allows_update(run.state["step"], loss_sum / items):  # the mean over every item of the cycle
+        if run.trainer.max_grad_norm > 0:
+            run.accelerator.clip_grad_norm_(run.model.parameters(), run.trainer.max_grad_norm)
         run.optimizer.step()
-        state["last_finite_loss"] = loss
-    elif trainer.nonfinite_loss == NonFiniteLoss.skip and state["skipped_steps"] < trainer.max_nonfinite_skips:
-        state["skipped_steps"] += 1
-        logger.warning(f"step {step}: loss is {loss}; update skipped ({state['skipped_steps']} so far)")
-    else:
-        advice = "lower optimizer.lr or set trainer.max_grad_norm"
-        if trainer.nonfinite_loss == NonFiniteLoss.skip:
-            why = f"{state['skipped_steps']} updates were skipped already, all that trainer.max_nonfinite_skips allows"
-            advice += ", or raise trainer.max_nonfinite_skips"
-        else:
-            why = "trainer.nonfinite_loss=stop"
-            advice += "; or set trainer.nonfinite_loss=skip to drop such updates and go on"
-        raise NonFiniteLossError(
-            f"step {step}: the training loss is {loss}; the last finite loss was {state['last_finite_loss']}. "
-            f"Stopped ({why}): nothing was exported, and the checkpoints written so far are untouched. "
-            f"To go on: {advice}."
-        )
     run.scheduler.step()
     run.optimizer.zero_grad()
-    return loss
 
 
 def evaluate_and_decide(run: Run) -> None:
@@ -328,11 +360,10 @@ def evaluate_and_decide(run: Run) -> None:
 
 def fit(run: Run) -> list:
     """Train until trainer.max_steps or early stopping; return the loss of every optimizer step taken."""
-    cfg, accelerator, state, trainer = run.cfg, run.accelerator, run.state, run.trainer
+    cfg, accelerator, state, trainer, guard = run.cfg, run.accelerator, run.state, run.trainer, run.guard
     checkpoint_every, checkpoint_dir = cfg.checkpoint.every_n_steps, run.run_dir / "checkpoints"
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
     progress = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
-    step_losses = []
     run.model.train()
     # One optimizer step per cycle of `gradient_accumulation_steps` micro-batches. Cycles run on across
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
@@ -340,24 +371,27 @@ def fit(run: Run) -> list:
     throughput = Throughput(accelerator, run.task)
     with profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler:
         while state["step"] < trainer.max_steps and not state["stopped_early"]:
-            loss = train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
+            train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
             throughput.step_done()
             profiler.step()
             step = state["step"]
-            step_losses.append(loss)
             progress.update(1)
+            # The guard reads the losses (and stops a non-finite run) before anything of the run is logged or saved.
             if step % trainer.log_every_n_steps == 0:
-                perf = throughput.measure()
+                loss, perf = guard.check(), throughput.measure()
                 accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
                 progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
             if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
+                guard.check()
                 evaluate_and_decide(run)
             if checkpoint_every and step % checkpoint_every == 0:
+                guard.check()
                 checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg))
                 if accelerator.is_main_process:
                     checkpoints.prune(checkpoint_dir, cfg.checkpoint, run.stopping.metric, run.stopping.mode)
+    guard.check()  # before finish evaluates and exports
     progress.close()
-    return step_losses
+    return guard.losses
 
 
 def end(run: Run) -> None:
