@@ -15,6 +15,7 @@ import pytest
 from accelerate.commands import accelerate_cli
 from conftest import CHECKS_ON, PACKAGE, TASKS, ForkedScript, run_in_process
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first
+from transformers import AutoConfig
 
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
 NONFINITE = ["optimizer.lr=1e30", "trainer.max_grad_norm=0", "checks.overfit_batch=false"]  # NaN from step 2 on
@@ -184,6 +185,13 @@ MISTAKES += [
 ]
 # Each task's own rows (its data files, its model's parts), run on that task's toy.
 # A saved model folder with a file missing or cut short, for every task: each task loads its model its own way.
+
+
+def toy_model_of_another_kind(tmp: Path, toy: list, pkg, make_config) -> None:
+    copy_toy_model()(tmp, toy, pkg, make_config)
+    AutoConfig.for_model("wav2vec2").save_pretrained(tmp / "model")  # a speech model: no task here has a class for it
+
+
 SAVED_MODEL_ROWS = [
     Mistake(
         "model folder without config.json",
@@ -198,15 +206,29 @@ SAVED_MODEL_ROWS = [
         prepare=copy_toy_model(drop=("model.safetensors",)),
     ),
     Mistake(
+        "model folder of a kind the task has no class for",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "/model is a wav2vec2 model: AutoModelFor",
+        prepare=toy_model_of_another_kind,
+    ),
+    Mistake(
         "truncated weight file",
         [TOY, "model.name_or_path={tmp}/model"],
         "/model/model.safetensors is truncated or corrupt",
         prepare=copy_toy_model(cut_short="model.safetensors"),
     ),
 ]
+# A model from scratch of a kind no task here has a class for, for every task (each names its own Auto class).
+SCRATCH_MODEL_ROWS = [
+    Mistake(
+        "architecture of a kind the task has no class for",
+        [TOY, "model.name_or_path=null", "model.model_type=wav2vec2"],
+        "model.model_type=wav2vec2: AutoModelFor",
+    )
+]
 for task in TASKS:
     own_rows = getattr(importlib.import_module(f"test_task_{task}"), "MISTAKES", [])
-    MISTAKES += [replace(row, task=task) for row in SAVED_MODEL_ROWS + own_rows]
+    MISTAKES += [replace(row, task=task) for row in SAVED_MODEL_ROWS + SCRATCH_MODEL_ROWS + own_rows]
 
 
 def files_and_digests(folder: Path) -> dict:

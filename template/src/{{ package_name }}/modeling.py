@@ -105,14 +105,30 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
         return build_own_module(cfg, scratch_kwargs)
     if cfg.name_or_path is not None:
         folder = pretrained_folder(cfg.name_or_path)
+        config = load_config(cfg.name_or_path)
+        source = f"model.name_or_path={cfg.name_or_path} is a {config.model_type} model"
+        refuse_other_architecture(config, auto_class, source)
         with loading(cfg.name_or_path):
             return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
     with refused_config(f"a {cfg.model_type} model"):
         config = AutoConfig.for_model(cfg.model_type, **{**OmegaConf.to_container(cfg.config), **scratch_kwargs})
+    refuse_other_architecture(config, auto_class, f"model.model_type={cfg.model_type}")
+    with refused_config(f"a {cfg.model_type} model"):
         # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
         # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
         config.architectures = config.architectures or []
         return auto_class.from_config(config)
+
+
+def refuse_other_architecture(config: PretrainedConfig, auto_class, source: str) -> None:
+    """A model of a kind the task's Auto class has no class for (a text model for images, an encoder-decoder as a
+    causal LM, a speech model) as one message, not transformers' list of every class it knows."""
+    if type(config) not in auto_class._model_mapping:  # the model types it builds, and those registered with it
+        raise ConfigError(
+            f"{source}: {auto_class.__name__}, this task's kind of model, has no {config.model_type} architecture "
+            f"(it has {len(auto_class._model_mapping._model_mapping)}, listed in the transformers docs); choose a "
+            "model of this task (configs/model/, or one of this kind from the hub)"
+        )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
