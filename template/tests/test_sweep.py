@@ -121,6 +121,7 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
         (["sweep.params.optimizer.lr.low=-1"], "sweep.params.optimizer.lr: log: true needs low > 0"),
         (["sweep.params.optimizer.lr.log=false", "sweep.params.optimizer.lr.low=0"], "optimizer.lr=0.0 is out of"),
         (["sweep.sampler=grid"], "sweep.params.optimizer.lr: sampler=grid needs a step"),
+        (["sweep.seed=-1"], "sweep.seed=-1 is out of range: it must be >= 0"),
         (["trainer.eval_every_n_steps=0"], "sweep.pruner=median needs evaluations during training"),
         (["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"], "optimizer.lrr"),
     ],

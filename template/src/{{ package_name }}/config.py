@@ -87,9 +87,12 @@ class ParamType(Enum):
     categorical = "categorical"
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None) -> Any:
-    """A dataclass field whose value must be >= `ge` or > `gt` (checked by `validate`)."""
-    return field(default=default, metadata={"ge": ge, "gt": gt})
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field whose value must be >= `ge` or > `gt`, and <= `le` (checked by `validate`)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+SEED_MAX = 2**32 - 1  # numpy's generators take seeds in [0, 2**32 - 1], and set_seed seeds them too
 
 
 @dataclass
@@ -151,7 +154,7 @@ class SchedulerConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = bounded(1000, ge=1)  # optimizer steps
-    seed: int = 42
+    seed: int = bounded(42, ge=0, le=SEED_MAX)
     deterministic: bool = False
     mixed_precision: MixedPrecision = MixedPrecision.no
     gradient_accumulation_steps: int = bounded(1, ge=1)
@@ -256,7 +259,8 @@ class SweepConfig:
     n_trials: int = bounded(20, ge=1)  # finished trials (complete or pruned) of the whole study, all workers together
     sampler: SamplerName = SamplerName.tpe
     pruner: PrunerName = PrunerName.median
-    seed: int | None = None  # the sampler's; leave null when several workers share the study (they would agree)
+    # The sampler's; leave null when several workers share the study (they would agree).
+    seed: int | None = bounded(None, ge=0, le=SEED_MAX)
     n_startup_trials: int = bounded(5, ge=0)  # trials before TPE models the results and the median pruner prunes
     n_warmup_steps: int = bounded(0, ge=0)  # median pruner: no pruning before this optimizer step
     # successive_halving and hyperband: the fewest optimizer steps a trial gets (null: trainer.eval_every_n_steps),
@@ -327,6 +331,8 @@ def range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
             problems.append(f"{key}={value} is out of range: it must be >= {f.metadata['ge']}")
         elif f.metadata.get("gt") is not None and not value > f.metadata["gt"]:
             problems.append(f"{key}={value} is out of range: it must be > {f.metadata['gt']}")
+        elif f.metadata.get("le") is not None and not value <= f.metadata["le"]:
+            problems.append(f"{key}={value} is out of range: it must be <= {f.metadata['le']}")
     return problems
 
 
