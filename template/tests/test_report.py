@@ -128,6 +128,29 @@ def test_report_on_a_folder_without_runs_says_what_a_run_folder_is(tmp_path, cap
     assert code == 2 and "missing: no such folder" in output
 
 
+@pytest.mark.skipif(len(TASKS) < 2, reason="needs a project with two tasks or more")
+def test_runs_of_several_tasks_get_a_table_each_by_their_own_metric(toys, tmp_path, capsys):
+    # One outputs/ folder holds every task's runs; their metrics differ, so one table would compare nothing.
+    for task in TASKS[:2]:
+        args = [
+            *toys(task),
+            "trainer.max_steps=2",
+            "checks.enabled=false",
+            f"hydra.run.dir={tmp_path / 'outputs' / task}",
+        ]
+        assert run_in_process("train.py", args, capsys)[0] == 0
+    out = tmp_path / "report"
+    code, output = run_in_process("report.py", [str(tmp_path / "outputs"), "--out", str(out)], capsys)
+    assert code == 0, output
+    for task in TASKS[:2]:
+        monitor = json.loads((tmp_path / "outputs" / task / "metrics.json").read_text())["monitor"]
+        assert f"task {task}:\n1 runs by {monitor}" in output
+        with (out / task / "report.csv").open() as file:
+            (row,) = csv.DictReader(file)
+        assert row["best"] not in ("", None)  # each run is compared by a metric it has
+        assert (out / task / "curves.png").is_file()
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_logs_throughput_and_tokens_when_it_reads_tokens(task, toys, pkg, make_config, tmp_path):
     cfg = make_config(*toys(task), "trainer.max_steps=4", "trainer.log_every_n_steps=2", "checks.enabled=false")

@@ -106,9 +106,32 @@ def plot_curves(runs: list, labels: list, monitor: str, path: Path) -> None:
 
 
 def report(paths: list, out: Path) -> list:
-    """Print the table of the runs under `paths`, best first, and write report.csv and curves.png into `out`."""
+    """Print the table of the runs under `paths`, best first, and write report.csv and curves.png into `out`; runs
+    of several tasks (an outputs/ folder, say) get a table each, and their files go into `out`/<task>/."""
     folders, silent = find_runs(paths)
-    runs = [load_run(folder) for folder in folders]
+    by_task = {}
+    for run in map(load_run, folders):
+        by_task.setdefault(task_of(run), []).append(run)
+    rows = []
+    for task, runs in by_task.items():
+        if len(by_task) > 1:
+            print(f"task {task}:")
+        rows += report_runs(runs, out / task if len(by_task) > 1 else out)
+    print("examples/s, tokens/s: median over the logged steps; peak GB: on a GPU the memory of tensors, else the")
+    print("process's peak resident set size")
+    if silent:
+        print(f"no {METRICS_FILE} (failed before the first logged step, or starting): {', '.join(map(str, silent))}")
+    return rows
+
+
+def task_of(run) -> str:
+    """The task a run trained, the module of its task._target_: runs of different tasks share no metric."""
+    target = str(run.config.get("task._target_"))
+    return target.rsplit(".", 2)[-2] if target.count(".") >= 2 else target
+
+
+def report_runs(runs: list, out: Path) -> list:
+    """The table of `runs` (one task's), best first, and its report.csv and curves.png in `out`."""
     monitor, mode = monitored(runs)
     entries = [(row(run, label, monitor, mode), run, label) for run, label in zip(runs, differing_config(runs))]
     entries = best_first(entries, mode)
@@ -136,10 +159,6 @@ def report(paths: list, out: Path) -> list:
         writer.writeheader()
         writer.writerows(rows)
     plot_curves([run for _, run, _ in entries], [r["config"] or r["run"] for r in rows], monitor, out / "curves.png")
-    print("examples/s, tokens/s: median over the logged steps; peak GB: on a GPU the memory of tensors, else the")
-    print("process's peak resident set size")
-    if silent:
-        print(f"no {METRICS_FILE} (failed before the first logged step, or starting): {', '.join(map(str, silent))}")
     print(f"wrote {out / 'report.csv'} and {out / 'curves.png'}")
     return rows
 
