@@ -2,6 +2,7 @@
 transformers architecture built from scratch (the `model` config says which; see config.ModelConfig)."""
 
 import inspect
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,7 +51,9 @@ def refused_config(what: str) -> Iterator[None]:
     """A value of model.config that the model refuses while it is built (0 attention heads, a hidden size that the
     heads do not divide, ...) as a ConfigError naming model.config, not a traceback from inside the model."""
     try:
-        yield
+        with warnings.catch_warnings():  # a size of 0: refuse_empty_layers says so, torch's init warning adds nothing
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+            yield
     except (ValueError, TypeError, ZeroDivisionError, AssertionError, RuntimeError, StrictDataclassError) as error:
         text = str(error) if len(str(error)) <= 300 else str(error)[:300] + " ..."  # not every class transformers has
         raise ConfigError(f"model.config does not make {what}: {type(error).__name__}: {text}") from error
@@ -102,7 +105,7 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     go to its from_pretrained (a new head's labels, say), `scratch_kwargs` to the config of a model built from
     scratch (and, by name, to your own module)."""
     if cfg._target_ is not None:
-        return build_own_module(cfg, scratch_kwargs)
+        return refuse_empty_layers(build_own_module(cfg, scratch_kwargs), cfg._target_)
     if cfg.name_or_path is not None:
         folder = pretrained_folder(cfg.name_or_path)
         config = load_config(cfg.name_or_path)
@@ -117,7 +120,20 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
         # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
         # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
         config.architectures = config.architectures or []
-        return auto_class.from_config(config)
+        model = auto_class.from_config(config)
+    return refuse_empty_layers(model, f"a {cfg.model_type} model")
+
+
+def refuse_empty_layers(model: torch.nn.Module, what: str) -> torch.nn.Module:
+    """A size of 0 in model.config (hidden_size, intermediate_size, channels, ...) builds layers without weights,
+    which fail later (in the forward pass, a preflight check, or the checkpoint, which does not save them)."""
+    empty = [f"{name} {list(tensor.shape)}" for name, tensor in model.named_parameters() if tensor.numel() == 0]
+    if empty:
+        raise ConfigError(
+            f"model.config makes {what} with layers that have no weights (is a size 0?): {', '.join(empty[:4])}"
+            + (f" and {len(empty) - 4} more" if len(empty) > 4 else "")
+        )
+    return model
 
 
 def refuse_other_architecture(config: PretrainedConfig, auto_class, source: str) -> None:
