@@ -85,7 +85,16 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
         module = module_class(**kwargs)
     if folder is not None:
         with loading(cfg.name_or_path):
-            module.load_state_dict(load_file(folder / WEIGHTS_FILE))
+            weights = load_file(folder / WEIGHTS_FILE)
+        try:
+            module.load_state_dict(weights)
+        except RuntimeError as error:  # names or sizes that differ: the first line says which class, the rest which
+            differences = " ".join(" ".join(str(error).split("\n")[1:]).split())
+            raise ConfigError(
+                f"model.name_or_path={cfg.name_or_path}: its weights do not fit the {cfg._target_} that model.config "
+                f"and the data build ({differences[:300]}{' ...' if len(differences) > 300 else ''}); give the "
+                "model.config it was trained with, and data with the labels (and the vocabulary) it was trained on"
+            ) from None
     return module
 
 
