@@ -36,6 +36,7 @@ from .config import (
 from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary
+from .modeling import refuse_reshaped
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task
@@ -492,6 +493,8 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.split not in datasets:
         raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
     model = task.build_model(cfg.model)
+    if checkpoint is None:
+        refuse_reshaped(model, cfg.model.name_or_path)
     if checkpoint is not None:
         # load_model, not load_state_dict: the checkpoint holds one of each group of tied weights (an embedding
         # shared with the output layer, say), and load_model knows the others are the same tensor.

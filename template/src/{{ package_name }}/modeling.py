@@ -98,6 +98,29 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     return module
 
 
+def refuse_reshaped(model: torch.nn.Module, name_or_path: str) -> None:
+    """evaluate.py scores the weights a folder holds. A model built for data with other labels (or another vocabulary)
+    gets layers of other shapes, which from_pretrained silently starts anew (ignore_mismatched_sizes, what a
+    fine-tune wants): refuse that here."""
+    folder = model_folder(name_or_path)
+    if folder is None:  # a hub id: nothing here to compare with
+        return
+    built = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    changed = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as weights:
+            for name in weights.keys():
+                shape = weights.get_slice(name).get_shape()
+                if name in built and built[name] != shape:
+                    changed.append(f"{name} {shape} -> {built[name]}")
+    if changed:
+        raise ConfigError(
+            f"model.name_or_path={name_or_path}: the model built for this data has other shapes than the saved one "
+            f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}), so those layers would score untrained: "
+            "give data with the labels (and the vocabulary) the model was trained on"
+        )
+
+
 def pretrained_folder(name_or_path: str) -> Path | None:
     """The local folder that `model.name_or_path` names (None for a hub id); one without config.json is refused."""
     folder = model_folder(name_or_path)
