@@ -494,8 +494,8 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
     model = task.build_model(cfg.model)
     if checkpoint is None:
-        refuse_reshaped(model, cfg.model.name_or_path)
-    if checkpoint is not None:
+        refuse_reshaped(model, cfg.model.name_or_path)  # the saved weights, not a head rebuilt for other labels
+    else:
         # load_model, not load_state_dict: the checkpoint holds one of each group of tied weights (an embedding
         # shared with the output layer, say), and load_model knows the others are the same tensor.
         load_model(model, checkpoint / "model.safetensors")
