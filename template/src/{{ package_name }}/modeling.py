@@ -2,6 +2,7 @@
 transformers architecture built from scratch (the `model` config says which; see config.ModelConfig)."""
 
 import inspect
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,9 +100,10 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
 
 
 def refuse_reshaped(model: torch.nn.Module, name_or_path: str) -> None:
-    """evaluate.py scores the weights a folder holds. A model built for data with other labels (or another vocabulary)
-    gets layers of other shapes, which from_pretrained silently starts anew (ignore_mismatched_sizes, what a
-    fine-tune wants): refuse that here."""
+    """evaluate.py scores the weights a folder holds, for the labels they were trained on. Data with other labels
+    builds a classifier whose head has another size, which from_pretrained silently starts anew
+    (ignore_mismatched_sizes, what a fine-tune wants), or the same size with other names, which would be scored by
+    position: refuse both here."""
     folder = model_folder(name_or_path)
     if folder is None:  # a hub id: nothing here to compare with
         return
@@ -119,6 +121,21 @@ def refuse_reshaped(model: torch.nn.Module, name_or_path: str) -> None:
             f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}), so those layers would score untrained: "
             "give data with the labels (and the vocabulary) the model was trained on"
         )
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    saved, labels = _label_names(folder), [id2label[i] for i in range(len(id2label))]
+    if saved and labels and saved != labels:
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} was trained for the labels {saved[:10]}, and this data has "
+            f"{labels[:10]}: give data with the labels the model was trained on"
+        )
+
+
+def _label_names(folder: Path) -> list | None:
+    """The label names in a saved config.json, in id order; None where it holds none but transformers' defaults."""
+    config = folder / "config.json"  # your own module's export has none
+    saved = json.loads(config.read_text()).get("id2label") if config.is_file() else None
+    names = [saved[key] for key in sorted(saved, key=int)] if saved else []
+    return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
 
 
 def pretrained_folder(name_or_path: str) -> Path | None:
