@@ -183,8 +183,6 @@ MISTAKES += [
         interrupt_after="preflight checks passed",
     ),
 ]
-# Each task's own rows (its data files, its model's parts), run on that task's toy.
-# A saved model folder with a file missing or cut short, for every task: each task loads its model its own way.
 
 
 def toy_model_of_another_kind(tmp: Path, toy: list, pkg, make_config) -> None:
@@ -192,6 +190,9 @@ def toy_model_of_another_kind(tmp: Path, toy: list, pkg, make_config) -> None:
     AutoConfig.for_model("wav2vec2").save_pretrained(tmp / "model")  # a speech model: no task here has a class for it
 
 
+# Each task's own rows (its data files, its model's parts), run on that task's toy.
+# A saved model folder with a file missing, cut short or of another kind, for every task: each task loads its model
+# its own way.
 SAVED_MODEL_ROWS = [
     Mistake(
         "model folder without config.json",

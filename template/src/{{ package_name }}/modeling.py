@@ -138,17 +138,6 @@ def _label_names(folder: Path) -> list | None:
     return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
 
 
-def pretrained_folder(name_or_path: str) -> Path | None:
-    """The local folder that `model.name_or_path` names (None for a hub id); one without config.json is refused."""
-    folder = model_folder(name_or_path)
-    if folder is not None and not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"model.name_or_path={name_or_path} has no config.json, so it is not a save_pretrained folder "
-            f"(weights of your own module, {WEIGHTS_FILE}, load with model._target_ set to its class)"
-        )
-    return folder
-
-
 def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kwargs: dict) -> torch.nn.Module:
     """The model of the `model` config. `auto_class` is the task's transformers Auto class; `pretrained_kwargs`
     go to its from_pretrained (a new head's labels, say), `scratch_kwargs` to the config of a model built from
@@ -156,10 +145,10 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     if cfg._target_ is not None:
         return refuse_empty_layers(build_own_module(cfg, scratch_kwargs), cfg._target_)
     if cfg.name_or_path is not None:
-        folder = pretrained_folder(cfg.name_or_path)
-        config = load_config(cfg.name_or_path)
+        config = load_config(cfg.name_or_path)  # refuses a folder without config.json
         source = f"model.name_or_path={cfg.name_or_path} is a {config.model_type} model"
         refuse_other_architecture(config, auto_class, source)
+        folder = model_folder(cfg.name_or_path)
         with loading(cfg.name_or_path):
             return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
     with refused_config(f"a {cfg.model_type} model"):
@@ -191,7 +180,7 @@ def refuse_other_architecture(config: PretrainedConfig, auto_class, source: str)
     if type(config) not in auto_class._model_mapping:  # the model types it builds, and those registered with it
         raise ConfigError(
             f"{source}: {auto_class.__name__}, this task's kind of model, has no {config.model_type} architecture "
-            f"(it has {len(auto_class._model_mapping._model_mapping)}, listed in the transformers docs); choose a "
+            f"(it has {len(auto_class._model_mapping)}, listed in the transformers docs); choose a "
             "model of this task (configs/model/, or one of this kind from the hub)"
         )
 
@@ -214,8 +203,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
-    """The config saved with a model (a save_pretrained folder or a hub id), with the model's own loading messages."""
-    pretrained_folder(name_or_path)
+    """The config saved with a model (a save_pretrained folder or a hub id), with the model's own loading messages;
+    a local folder without config.json is refused."""
+    folder = model_folder(name_or_path)
+    if folder is not None and not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} has no config.json, so it is not a save_pretrained folder "
+            f"(weights of your own module, {WEIGHTS_FILE}, load with model._target_ set to its class)"
+        )
     return load_processor(AutoConfig, name_or_path)
 
 
