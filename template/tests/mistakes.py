@@ -78,3 +78,13 @@ def without_tokenizer() -> "Mistake":
         "/model has no tokenizer files",
         prepare=copy_toy_model(keep=("config.json", "model.safetensors", "generation_config.json")),
     )
+
+
+def set_by_the_task(setting: str) -> "Mistake":
+    """The row of a task whose model from scratch gets `setting`, a key=value of model.config, from the task itself:
+    another value would be overridden without a word."""
+    return Mistake(
+        "model.config key that the task sets",
+        [TOY, "model.name_or_path=null", f"+model.config.{setting}"],
+        f"model.config sets what the task sets itself, from its data, its tokenizer or a task.* setting: {setting} (",
+    )

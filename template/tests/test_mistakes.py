@@ -30,6 +30,13 @@ MISTAKES = [
         [TOY, "checkpoint.monitor=loss", "checkpoint.mode=max"],
         "checkpoint.mode=max contradicts checkpoint.monitor=loss",
     ),
+    Mistake("held-out fraction of all of train", [TOY, "data.eval_fraction=1"], "it must be < 1"),
+    Mistake(  # trains, and says why the learning rate stays low: a short run under a task's warmup, say
+        "warmup longer than the run",
+        [TOY, "scheduler=linear", "scheduler.warmup_steps=100", "trainer.max_steps=2"],
+        "scheduler.warmup_steps=100 is not below trainer.max_steps=2: the learning rate never reaches optimizer.lr",
+        code=0,
+    ),
     # Run folders, resume and non-finite losses
     Mistake(
         "fresh run into a run's folder",
@@ -110,6 +117,11 @@ MISTAKES += [
         "unknown evaluate key", ["+splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
     ),
     Mistake("missing data file", [TOY, "data.files.train={tmp}/none.csv"], "data.files.train: no such file"),
+    Mistake(  # held out of train instead, it would leave the data's own validation split unused
+        "validation split that the data does not have",
+        [TOY, "data.eval_split=valid"],
+        "data.eval_split='valid' is not a split of the dataset; it has ['train', 'validation']: set data.eval_split",
+    ),
     Mistake(  # the tests run offline: a hub dataset that is not in the cache is not there
         "dataset name neither built in nor on the hub",
         ["data.name=no_such_dataset", "trainer.log_with=none"],
@@ -219,13 +231,19 @@ SAVED_MODEL_ROWS = [
         prepare=copy_toy_model(cut_short="model.safetensors"),
     ),
 ]
-# A model from scratch of a kind no task here has a class for, for every task (each names its own Auto class).
+# A model from scratch of a kind no task here has a class for (each task names its own Auto class), or with a key its
+# architecture does not have, for every task.
 SCRATCH_MODEL_ROWS = [
     Mistake(
         "architecture of a kind the task has no class for",
         [TOY, "model.name_or_path=null", "model.model_type=wav2vec2"],
         "model.model_type=wav2vec2: AutoModelFor",
-    )
+    ),
+    Mistake(  # transformers would keep it as a new attribute of the config, which nothing reads
+        "misspelt key of an architecture from scratch",
+        [TOY, "model.name_or_path=null", "+model.config.hiden_size=8"],
+        "model.config.hiden_size (did you mean hidden_size",
+    ),
 ]
 for task in TASKS:
     own_rows = getattr(importlib.import_module(f"test_task_{task}"), "MISTAKES", [])

@@ -6,6 +6,7 @@ with the key and the list of valid values. Numeric ranges are declared next to e
 """
 
 import difflib
+import operator
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -87,9 +88,14 @@ class ParamType(Enum):
     categorical = "categorical"
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
-    """A dataclass field whose value must be >= `ge` or > `gt`, and <= `le` (checked by `validate`)."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+def bounded(
+    default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> Any:
+    """A dataclass field whose value must be >= `ge` or > `gt`, and <= `le` or < `lt` (checked by `validate`)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+LIMITS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 
 
 SEED_MAX = 2**32 - 1  # numpy's generators take seeds in [0, 2**32 - 1], and set_seed seeds them too
@@ -121,9 +127,9 @@ class DataConfig:
     # not null, when unused: OmegaConf cannot merge `data.files={train: ...}` into a null.
     files: dict[str, str] | None = field(default_factory=dict)
     train_split: str = "train"
-    eval_split: str = "validation"
-    # Used when the dataset has no `eval_split`: this fraction of train is held out.
-    eval_fraction: float = bounded(0.1, gt=0)
+    # The split to validate on; null, or a dataset with no split but train_split: hold out eval_fraction of train.
+    eval_split: str | None = "validation"
+    eval_fraction: float = bounded(0.1, gt=0, lt=1)
     # Train on part of the training split: a fraction (at most 1) or a count of examples (more than 1), drawn from
     # trainer.seed, stratified by class for classifiers; null: all of it. Validation stays whole (a proxy run's
     # metrics stay comparable with a full run's). Applied after the task prepared the data: labels and vocabulary
@@ -327,12 +333,12 @@ def range_problems(schema: Any, node: DictConfig, prefix: str) -> list:
             problems += range_problems(f.type, value, key + ".")
         elif value is None:  # null, where the field allows it: no number to check
             continue
-        elif f.metadata.get("ge") is not None and not value >= f.metadata["ge"]:
-            problems.append(f"{key}={value} is out of range: it must be >= {f.metadata['ge']}")
-        elif f.metadata.get("gt") is not None and not value > f.metadata["gt"]:
-            problems.append(f"{key}={value} is out of range: it must be > {f.metadata['gt']}")
-        elif f.metadata.get("le") is not None and not value <= f.metadata["le"]:
-            problems.append(f"{key}={value} is out of range: it must be <= {f.metadata['le']}")
+        else:
+            for name, (sign, holds) in LIMITS.items():
+                limit = f.metadata.get(name)
+                if limit is not None and not holds(value, limit):
+                    problems.append(f"{key}={value} is out of range: it must be {sign} {limit}")
+                    break
     return problems
 
 

@@ -97,9 +97,9 @@ def source(dataset: Dataset) -> str:
 
 
 def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: tuple = ()) -> DatasetDict:
-    """`train` and `validation` (held out of train when the dataset has no `data.eval_split`), then any other
-    split the dataset has (a test split, say). `columns` maps the task's config keys to the columns it needs:
-    every split must have them, without empty cells; those of the keys in `text` become strings."""
+    """`train` and `validation` (held out of train when data.eval_split is null or the dataset has no other split),
+    then any other split the dataset has (a test split, say). `columns` maps the task's config keys to the columns it
+    needs: every split must have them, without empty cells; those of the keys in `text` become strings."""
     raw = load_raw(cfg, builtin)
     if cfg.train_split not in raw:
         raise DataError(f"data.train_split={cfg.train_split!r} is not a split of the dataset; it has {list(raw)}")
@@ -108,6 +108,11 @@ def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: 
         raw[name] = as_text(dataset, {key: columns[key] for key in text})
     if cfg.eval_split in raw:
         splits = {"train": raw[cfg.train_split], "validation": raw[cfg.eval_split]}
+    elif cfg.eval_split is not None and len(raw) > 1:  # a typo, or a split to choose: holding out would hide it
+        raise DataError(
+            f"data.eval_split={cfg.eval_split!r} is not a split of the dataset; it has {list(raw)}: set "
+            "data.eval_split to one of them, or data.eval_split=null to hold out data.eval_fraction of train"
+        )
     else:
         held_out = raw[cfg.train_split].train_test_split(test_size=cfg.eval_fraction, seed=seed)
         held_out["test"].info.description = f"{cfg.eval_fraction} held out of {source(raw[cfg.train_split])}"

@@ -1,6 +1,7 @@
 """Models and tokenizers, the same for every task: your own nn.Module, a pretrained hub id or folder, or a
 transformers architecture built from scratch (the `model` config says which; see config.ModelConfig)."""
 
+import difflib
 import inspect
 import json
 import warnings
@@ -66,7 +67,9 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     module_class = get_class(cfg._target_)
     accepted = inspect.signature(module_class).parameters
     kwargs = {name: value for name, value in task_kwargs.items() if name in accepted}
-    kwargs.update(OmegaConf.to_container(cfg.config, resolve=True))
+    own = OmegaConf.to_container(cfg.config, resolve=True)
+    refuse_task_keys(own, kwargs)
+    kwargs.update(own)
     try:
         inspect.signature(module_class).bind(**kwargs)
     except TypeError as error:
@@ -144,22 +147,56 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     scratch (and, by name, to your own module)."""
     if cfg._target_ is not None:
         return refuse_empty_layers(build_own_module(cfg, scratch_kwargs), cfg._target_)
-    if cfg.name_or_path is not None:
+    if cfg.name_or_path is not None:  # its saved config.json decides: model.config, a model group's, is not applied
         config = load_config(cfg.name_or_path)  # refuses a folder without config.json
         source = f"model.name_or_path={cfg.name_or_path} is a {config.model_type} model"
         refuse_other_architecture(config, auto_class, source)
         folder = model_folder(cfg.name_or_path)
         with loading(cfg.name_or_path):
             return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
+    own = OmegaConf.to_container(cfg.config, resolve=True)
+    refuse_task_keys(own, scratch_kwargs)
     with refused_config(f"a {cfg.model_type} model"):
-        config = AutoConfig.for_model(cfg.model_type, **{**OmegaConf.to_container(cfg.config), **scratch_kwargs})
+        config = AutoConfig.for_model(cfg.model_type, **{**own, **scratch_kwargs})
     refuse_other_architecture(config, auto_class, f"model.model_type={cfg.model_type}")
+    # A key that the architecture does not know becomes a new attribute of its config, which nothing reads.
+    default = AutoConfig.for_model(cfg.model_type)
+    refuse_unknown_keys([key for key in own if not hasattr(default, key) and key in config.to_dict()], default)
     with refused_config(f"a {cfg.model_type} model"):
         # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
         # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
         config.architectures = config.architectures or []
         model = auto_class.from_config(config)
     return refuse_empty_layers(model, f"a {cfg.model_type} model")
+
+
+def refuse_task_keys(own: dict, task_values: dict) -> None:
+    """model.config keys that the task sets itself (the vocabulary size from its tokenizer, the labels from its
+    data, sizes from its task.* settings) would be overridden without a word: refuse another value."""
+    clashes = [
+        f"{key}={own[key]} (the task: {value})"
+        for key, value in task_values.items()
+        if key in own and own[key] != value
+    ]
+    if clashes:
+        raise ConfigError(
+            f"model.config sets what the task sets itself, from its data, its tokenizer or a task.* setting: "
+            f"{', '.join(clashes)}; remove those keys from model.config"
+        )
+
+
+def refuse_unknown_keys(unknown: list, config: PretrainedConfig) -> None:
+    """model.config keys that `config`'s class does not have (a typo, say), with the closest key it has."""
+    if unknown:
+        known = [*config.to_dict(), *config.attribute_map]
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            named.append(f"model.config.{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ConfigError(
+            f"{', '.join(named)}: not a key of {type(config).__name__}, the {config.model_type} config; its keys "
+            "are in the transformers docs of that class"
+        )
 
 
 def refuse_empty_layers(model: torch.nn.Module, what: str) -> torch.nn.Module:
