@@ -49,10 +49,13 @@ def _checksums(folder: Path) -> dict:
     return {str(p.relative_to(folder)): _sha256(p) for p in files}
 
 
-def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: dict | None = None) -> Path:
+def save(
+    accelerator: Accelerator, folder: Path, trainer_state: dict, config: dict | None = None, labels: list | None = None
+) -> Path:
     """Save model, optimizer, scheduler, RNG and sampler states, and a JSON record of the run.
 
-    The record (trainer state, seed, library versions, resolved config, checksums of every file) is
+    The record (trainer state, seed, library versions, resolved config, a classifier's labels, checksums of every
+    file) is
     written last, into a temporary folder that is renamed when complete: a crash mid-save never
     leaves a folder that looks like a checkpoint.
     """
@@ -70,6 +73,7 @@ def save(accelerator: Accelerator, folder: Path, trainer_state: dict, config: di
             "seed": trainer_state.get("seed"),
             "versions": versions(),
             "config": config,
+            "labels": labels,
             "num_processes": accelerator.num_processes,  # the data order of a resume depends on it
             "checksums": _checksums(partial),
         }
@@ -164,10 +168,11 @@ def prune(folder: Path, cfg: DictConfig, metric: str, mode: MetricMode) -> None:
             shutil.rmtree(path)
 
 
-def export(accelerator: Accelerator, model, processor, folder: Path) -> None:
+def export(accelerator: Accelerator, model, processor, folder: Path, labels: list | None = None) -> None:
     """Write a `from_pretrained` folder (safetensors on CPU, config, tokenizer or image processor) on the main
     process. Your own module (no save_pretrained) gets its weights in model.safetensors, which
-    `model.name_or_path=<folder>` loads back into it (modeling.build_own_module).
+    `model.name_or_path=<folder>` loads back into it (modeling.build_own_module), and a classifier's `labels` in
+    that file's metadata (a transformers model keeps them in its config.json).
 
     Every process calls this: `get_state_dict` gathers the full state dict when the model is sharded
     (FSDP, DeepSpeed ZeRO-3).
@@ -188,7 +193,8 @@ def export(accelerator: Accelerator, model, processor, folder: Path) -> None:
         else:
             folder.mkdir(parents=True, exist_ok=True)
             # Copies: safetensors refuses tensors that share memory (tied weights).
-            save_file({name: t.clone() for name, t in state_dict.items()}, folder / WEIGHTS_FILE, {"format": "pt"})
+            metadata = {"format": "pt"} if labels is None else {"format": "pt", "labels": json.dumps(labels)}
+            save_file({name: t.clone() for name, t in state_dict.items()}, folder / WEIGHTS_FILE, metadata)
         if processor is not None:
             processor.save_pretrained(folder)
     accelerator.wait_for_everyone()

@@ -36,7 +36,7 @@ from .config import (
 from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary
-from .modeling import refuse_reshaped
+from .modeling import refuse_other_labels, refuse_reshaped
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task
@@ -346,7 +346,7 @@ def evaluate_and_decide(run: Run) -> None:
         if samples:
             accelerator.log({f"samples/{k}": v for k, v in samples.items()}, step=step)
     if run.stopping.update(state) and run.cfg.checkpoint.keep != KeepPolicy.latest:
-        checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "best_model")
+        checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "best_model", run.task.labels)
     if run.stopping.should_stop(state):
         accelerator.set_trigger()
     # Every process takes the same decision (a rank that stopped alone would hang the others).
@@ -387,7 +387,7 @@ def fit(run: Run) -> list:
                 evaluate_and_decide(run)
             if checkpoint_every and step % checkpoint_every == 0:
                 guard.check()
-                checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg))
+                checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg), run.task.labels)
                 if accelerator.is_main_process:
                     checkpoints.prune(checkpoint_dir, cfg.checkpoint, run.stopping.metric, run.stopping.mode)
     guard.check()  # before finish evaluates and exports
@@ -413,7 +413,7 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
     if run.evaluated_step != state["step"]:
         state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
         accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
-    checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model")
+    checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model", run.task.labels)
     end(run)
     result = {
         "step": state["step"],
@@ -481,7 +481,8 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     if checkpoint is not None:
         if not checkpoint.is_dir():
             raise ConfigError(f"checkpoint_path={cfg.checkpoint_path}: no such folder")
-        saved = OmegaConf.create(checkpoints.verify(checkpoint)["config"])
+        record = checkpoints.verify(checkpoint)
+        saved = OmegaConf.create(record["config"])
         with open_dict(cfg):  # replaced, not merged: nothing of the default task or model stays
             cfg.task, cfg.model = saved.task, OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
     validate(cfg)
@@ -494,8 +495,9 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
     model = task.build_model(cfg.model)
     if checkpoint is None:
-        refuse_reshaped(model, cfg.model.name_or_path)  # the saved weights, not a head rebuilt for other labels
+        refuse_reshaped(model, cfg.model.name_or_path, task.labels)  # the saved weights, not a head rebuilt anew
     else:
+        refuse_other_labels(record.get("labels"), task.labels, f"checkpoint_path={cfg.checkpoint_path}")
         # load_model, not load_state_dict: the checkpoint holds one of each group of tied weights (an embedding
         # shared with the output layer, say), and load_model knows the others are the same tensor.
         load_model(model, checkpoint / "model.safetensors")

@@ -102,11 +102,11 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     return module
 
 
-def refuse_reshaped(model: torch.nn.Module, name_or_path: str) -> None:
+def refuse_reshaped(model: torch.nn.Module, name_or_path: str, labels: list | None) -> None:
     """evaluate.py scores the weights a folder holds, for the labels they were trained on. Data with other labels
     builds a classifier whose head has another size, which from_pretrained silently starts anew
     (ignore_mismatched_sizes, what a fine-tune wants), or the same size with other names, which would be scored by
-    position: refuse both here."""
+    position: refuse both here (`labels`: the task's, from this data)."""
     folder = model_folder(name_or_path)
     if folder is None:  # a hub id: nothing here to compare with
         return
@@ -124,19 +124,28 @@ def refuse_reshaped(model: torch.nn.Module, name_or_path: str) -> None:
             f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}), so those layers would score untrained: "
             "give data with the labels (and the vocabulary) the model was trained on"
         )
-    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-    saved, labels = _label_names(folder), [id2label[i] for i in range(len(id2label))]
+    refuse_other_labels(_label_names(folder), labels, f"model.name_or_path={name_or_path}")
+
+
+def refuse_other_labels(saved: list | None, labels: list | None, source: str) -> None:
+    """Labels of other names than those a model was trained for (`saved`; None where unknown) would be scored by
+    position."""
     if saved and labels and saved != labels:
         raise ConfigError(
-            f"model.name_or_path={name_or_path} was trained for the labels {saved[:10]}, and this data has "
-            f"{labels[:10]}: give data with the labels the model was trained on"
+            f"{source} was trained for the labels {saved[:10]}, and this data has {labels[:10]}: give data with the "
+            "labels the model was trained on"
         )
 
 
 def _label_names(folder: Path) -> list | None:
-    """The label names in a saved config.json, in id order; None where it holds none but transformers' defaults."""
-    config = folder / "config.json"  # your own module's export has none
-    saved = json.loads(config.read_text()).get("id2label") if config.is_file() else None
+    """The label names saved with a model: a transformers config.json's id2label (None where it holds only
+    transformers' defaults), or the metadata of your own module's weight file (checkpoints.export)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        with safe_open(folder / WEIGHTS_FILE, "pt") as weights:
+            saved = (weights.metadata() or {}).get("labels")
+        return json.loads(saved) if saved else None
+    saved = json.loads(config.read_text()).get("id2label")
     names = [saved[key] for key in sorted(saved, key=int)] if saved else []
     return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
 

@@ -45,6 +45,9 @@ class Task:
         raise NotImplementedError
 
     processor: ClassVar[Any] = None  # set by `load`; saved beside the exported model
+    # A classifier's class names in id order, set by `load`: saved with the model and its checkpoints, so that
+    # evaluate.py refuses data whose labels have other names (they would be scored by position).
+    labels: ClassVar[list | None] = None
 
     def collate(self, examples: list) -> dict:
         """Override: a batch of tensors from a list of examples. `labels` holds the targets, IGNORE_INDEX where
