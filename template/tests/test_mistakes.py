@@ -31,6 +31,11 @@ MISTAKES = [
         "checkpoint.mode=max contradicts checkpoint.monitor=loss",
     ),
     Mistake("held-out fraction of all of train", [TOY, "data.eval_fraction=1"], "it must be < 1"),
+    Mistake(
+        "early stopping without evaluations",  # TOY evaluates only at the end
+        [TOY, "trainer.early_stopping_patience=2"],
+        "trainer.early_stopping_patience=2 counts evaluations, and with trainer.eval_every_n_steps=0 the run",
+    ),
     Mistake(  # trains, and says why the learning rate stays low: a short run under a task's warmup, say
         "warmup longer than the run",
         [TOY, "scheduler=linear", "scheduler.warmup_steps=100", "trainer.max_steps=2"],

@@ -438,6 +438,11 @@ def validate(cfg: DictConfig) -> None:
         problems.append(
             f"data.train_subset={subset} is neither a fraction in (0, 1] nor a whole count of examples; null: all"
         )
+    if cfg.trainer.early_stopping_patience and not cfg.trainer.eval_every_n_steps:
+        problems.append(
+            f"trainer.early_stopping_patience={cfg.trainer.early_stopping_patience} counts evaluations, and with "
+            "trainer.eval_every_n_steps=0 the run evaluates only at its end: set trainer.eval_every_n_steps"
+        )
     fp16 = cfg.trainer.mixed_precision == MixedPrecision.fp16
     if fp16 and (cfg.trainer.cpu or not torch.cuda.is_available()):
         problems.append(
