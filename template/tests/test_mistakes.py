@@ -15,6 +15,7 @@ import pytest
 from accelerate.commands import accelerate_cli
 from conftest import CHECKS_ON, PACKAGE, TASKS, ForkedScript, run_in_process
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
@@ -202,6 +203,13 @@ MISTAKES += [
 ]
 
 
+def toy_model_without_a_norm_weight(tmp: Path, toy: list, pkg, make_config) -> None:
+    copy_toy_model()(tmp, toy, pkg, make_config)
+    weights = load_file(tmp / "model" / "model.safetensors")
+    del weights[next(name for name in sorted(weights) if "norm" in name.lower())]  # never tied to another weight
+    save_file(weights, tmp / "model" / "model.safetensors", {"format": "pt"})
+
+
 def toy_model_of_another_kind(tmp: Path, toy: list, pkg, make_config) -> None:
     copy_toy_model()(tmp, toy, pkg, make_config)
     AutoConfig.for_model("wav2vec2").save_pretrained(tmp / "model")  # a speech model: no task here has a class for it
@@ -228,6 +236,13 @@ SAVED_MODEL_ROWS = [
         [TOY, "model.name_or_path={tmp}/model"],
         "/model is a wav2vec2 model: AutoModelFor",
         prepare=toy_model_of_another_kind,
+    ),
+    Mistake(  # from_pretrained would start that layer anew, with a warning among its loading messages
+        "model folder without some weights",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "which would score untrained; its weight files lack them: export or copy the model again",
+        prepare=toy_model_without_a_norm_weight,
+        script="evaluate.py",
     ),
     Mistake(
         "truncated weight file",

@@ -36,7 +36,7 @@ from .config import (
 from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary
-from .modeling import refuse_other_labels, refuse_reshaped
+from .modeling import refuse_other_labels, refuse_untrained
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task
@@ -495,7 +495,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
     model = task.build_model(cfg.model)
     if checkpoint is None:
-        refuse_reshaped(model, cfg.model.name_or_path, task.labels)  # the saved weights, not a head rebuilt anew
+        refuse_untrained(model, cfg.model.name_or_path, task.labels)  # the saved weights, not a head rebuilt anew
     else:
         refuse_other_labels(record.get("labels"), task.labels, f"checkpoint_path={cfg.checkpoint_path}")
         # load_model, not load_state_dict: the checkpoint holds one of each group of tied weights (an embedding

@@ -102,19 +102,21 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     return module
 
 
-def refuse_reshaped(model: torch.nn.Module, name_or_path: str, labels: list | None) -> None:
-    """evaluate.py scores the weights a folder holds, for the labels they were trained on. Data with other labels
-    builds a classifier whose head has another size, which from_pretrained silently starts anew
-    (ignore_mismatched_sizes, what a fine-tune wants), or the same size with other names, which would be scored by
-    position: refuse both here (`labels`: the task's, from this data)."""
+def refuse_untrained(model: torch.nn.Module, name_or_path: str, labels: list | None) -> None:
+    """evaluate.py scores the weights a folder holds, for the labels they were trained on; from_pretrained starts
+    anew, with a warning at most, what the folder lacks. Refuse here: data with other labels, which builds a
+    classifier whose head has another size (ignore_mismatched_sizes, what a fine-tune wants) or the same size with
+    other names (scored by position); and a folder without weights for some of the model's layers (`labels`: the
+    task's, from this data)."""
     folder = model_folder(name_or_path)
     if folder is None:  # a hub id: nothing here to compare with
         return
     built = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    changed = []
+    changed, saved = [], set()
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, "pt") as weights:
             for name in weights.keys():
+                saved.add(name)
                 shape = weights.get_slice(name).get_shape()
                 if name in built and built[name] != shape:
                     changed.append(f"{name} {shape} -> {built[name]}")
@@ -123,6 +125,23 @@ def refuse_reshaped(model: torch.nn.Module, name_or_path: str, labels: list | No
             f"model.name_or_path={name_or_path}: the model built for this data has other shapes than the saved one "
             f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}), so those layers would score untrained: "
             "give data with the labels (and the vocabulary) the model was trained on"
+        )
+    # Layers the folder has no weights for (a classifier's folder loaded as a language model gets a new head) start
+    # from random values. Tied weights are saved under one of their names.
+    names = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    missing = [group[0] for group in names.values() if not saved.intersection(group)]
+    if missing:
+        kind, built_kind = _saved_architectures(folder), type(model).__name__
+        why = (
+            "its weight files lack them: export or copy the model again"
+            if kind == built_kind
+            else f"it holds {kind or 'a model'} for another task or architecture: give a model this task trained"
+        )
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} has no weights for {len(missing)} parameters of {built_kind} "
+            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), which would score untrained; {why}"
         )
     refuse_other_labels(_label_names(folder), labels, f"model.name_or_path={name_or_path}")
 
@@ -135,6 +154,13 @@ def refuse_other_labels(saved: list | None, labels: list | None, source: str) ->
             f"{source} was trained for the labels {saved[:10]}, and this data has {labels[:10]}: give data with the "
             "labels the model was trained on"
         )
+
+
+def _saved_architectures(folder: Path) -> str | None:
+    """The class a transformers folder was saved from (config.json's architectures), e.g. 'BertForMaskedLM'."""
+    config = folder / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") if config.is_file() else None
+    return ", ".join(architectures) if architectures else None
 
 
 def _label_names(folder: Path) -> list | None:
