@@ -229,8 +229,9 @@ def refuse_unknown_keys(unknown: list, config: PretrainedConfig) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             named.append(f"model.config.{key}" + (f" (did you mean {close[0]}?)" if close else ""))
         raise ConfigError(
-            f"{', '.join(named)}: not a key of {type(config).__name__}, the {config.model_type} config; its keys "
-            "are in the transformers docs of that class"
+            f"{', '.join(named)}: not a key of {type(config).__name__}, the {config.model_type} config (its keys are "
+            f"in the transformers docs): correct or drop it (~model.config.{unknown[0]}), or start from a model "
+            "group of this architecture (model=<name>, configs/model/)"
         )
 
 
