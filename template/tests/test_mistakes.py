@@ -123,6 +123,11 @@ MISTAKES += [
         "unknown evaluate key", ["+splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
     ),
     Mistake("missing data file", [TOY, "data.files.train={tmp}/none.csv"], "data.files.train: no such file"),
+    Mistake(
+        "missing validation file",
+        [TOY, "data.files.validation={tmp}/none.csv"],
+        "none.csv (or leave the split out: ~data.files.validation)",
+    ),
     Mistake(  # held out of train instead, it would leave the data's own validation split unused
         "validation split that the data does not have",
         [TOY, "data.eval_split=valid"],

@@ -59,7 +59,8 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
         files = {split: Path(path).expanduser() for split, path in cfg.files.items()}
         for split, path in files.items():
             if not path.exists():
-                raise DataError(f"data.files.{split}: no such file or folder: {path}")
+                leave_out = "" if split == cfg.train_split else f" (or leave the split out: ~data.files.{split})"
+                raise DataError(f"data.files.{split}: no such file or folder: {path}{leave_out}")
         if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
             raw = load_dataset("imagefolder", data_files={split: str(path / "**") for split, path in files.items()})
         else:
