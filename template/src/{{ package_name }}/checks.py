@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves_with_path, tree_map
 
 from . import checkpoints
 from .errors import UserError
+from .metrics_log import readable
 
 logger = get_logger(__name__)
 
@@ -243,7 +244,7 @@ def check_validation(run, batches: list, evaluate) -> str:
         run.model.train(training)
     bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
     verdict(run.accelerator, "validation", expected, f"{bad}" if bad else None)
-    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    return f"{readable(metrics)} on {metrics['examples']:.0f} examples"
 
 
 @torch.no_grad()

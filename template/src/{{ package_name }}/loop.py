@@ -35,7 +35,7 @@ from .config import (
 )
 from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
-from .metrics_log import MetricsFile, Throughput, append_stop, append_summary
+from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
 from .modeling import refuse_other_labels, refuse_untrained
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
@@ -432,7 +432,7 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
     if accelerator.is_main_process:
         (run.run_dir / "metrics.json").write_text(to_json(result, indent=2))
         append_summary(run.run_dir / METRICS_FILE, result)
-    shown = ", ".join(f"{name} {value:.4f}" for name, value in state["metrics"].items() if name != "examples")
+    shown = readable(state["metrics"])
     accelerator.print(
         f"step {state['step']}: validation {shown} ({train_seconds:.1f}s of training); model in {run.run_dir / 'model'}"
     )
@@ -510,8 +510,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         (run_dir / "metrics.json").write_text(to_json(result, indent=2))
         with (run_dir / "predictions.jsonl").open("w") as file:
             file.writelines(to_json(record) + "\n" for record in records)
-    shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "examples")
-    accelerator.print(f"{cfg.split} ({metrics['examples']} examples): {shown}; predictions in {run_dir}")
+    accelerator.print(f"{cfg.split} ({metrics['examples']} examples): {readable(metrics)}; predictions in {run_dir}")
     del model  # before the process group goes, as in end(): else a 2-process evaluation can hang at exit
     accelerator.free_memory()
     accelerator.end_training()

@@ -26,6 +26,11 @@ from .records import to_json
 from .tasks.base import Task
 
 
+def readable(metrics: dict) -> str:
+    """Metrics for a line of the log: "accuracy 0.9000, loss 0.3500" (the count of examples is not a score)."""
+    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "examples")
+
+
 def append_line(path: Path, record: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)  # a resumed run may start in a new folder
     with Path(path).open("a") as file:
