@@ -55,9 +55,8 @@ def save(
     """Save model, optimizer, scheduler, RNG and sampler states, and a JSON record of the run.
 
     The record (trainer state, seed, library versions, resolved config, a classifier's labels, checksums of every
-    file) is
-    written last, into a temporary folder that is renamed when complete: a crash mid-save never
-    leaves a folder that looks like a checkpoint.
+    file) is written last, into a temporary folder that is renamed when complete: a crash mid-save never leaves a
+    folder that looks like a checkpoint.
     """
     final = folder / f"{PREFIX}{trainer_state['step']:08d}"
     partial = folder / f".partial_{final.name}"

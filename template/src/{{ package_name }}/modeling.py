@@ -103,11 +103,11 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
 
 
 def refuse_untrained(model: torch.nn.Module, name_or_path: str, labels: list | None) -> None:
-    """evaluate.py scores the weights a folder holds, for the labels they were trained on; from_pretrained starts
-    anew, with a warning at most, what the folder lacks. Refuse here: data with other labels, which builds a
-    classifier whose head has another size (ignore_mismatched_sizes, what a fine-tune wants) or the same size with
-    other names (scored by position); and a folder without weights for some of the model's layers (`labels`: the
-    task's, from this data)."""
+    """evaluate.py scores the weights a folder holds, for the labels they were trained on. from_pretrained starts
+    anew, with a warning at most, any layer the folder has no fitting weights for: refuse a model built for this
+    data with layers of other sizes (a classifier's head for other labels: ignore_mismatched_sizes, what a fine-tune
+    wants), or with layers the folder lacks (a classifier's folder loaded as a language model); and data whose
+    `labels` (the task's) have other names than those saved, which would be scored by position."""
     folder = model_folder(name_or_path)
     if folder is None:  # a hub id: nothing here to compare with
         return
