@@ -147,6 +147,12 @@ MISTAKES += [
         "data: set exactly one of data.name (a hub or built-in dataset; now ",
     ),
     # Models: a path that is not there (a folder with a file missing or cut short: SAVED_MODEL_ROWS, below).
+    Mistake(  # trains, saying what model.config does not change: a saved model keeps its saved config
+        "model.config with a saved model",
+        [TOY, "+model.config.dropout_of_mine=0.3", "trainer.max_steps=1"],
+        "dropout_of_mine=0.3 (saved: None)",  # after the model group's keys that differ from the saved ones
+        code=0,
+    ),
     Mistake("relative model path", [TOY, "model.name_or_path=outputs/nothing/model"], ": no such folder"),
     Mistake("dotted model path", [TOY, "model.name_or_path=./nothing"], "model.name_or_path=./nothing: no such folder"),
     Mistake("hub id not there", [TOY, "model.name_or_path=no-such-model"], "no such folder here, and from the hub"),

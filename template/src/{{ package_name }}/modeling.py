@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.logging import get_logger
 from huggingface_hub.errors import StrictDataclassError
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .config import ConfigError, model_folder
+
+logger = get_logger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
@@ -182,14 +185,26 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     scratch (and, by name, to your own module)."""
     if cfg._target_ is not None:
         return refuse_empty_layers(build_own_module(cfg, scratch_kwargs), cfg._target_)
-    if cfg.name_or_path is not None:  # its saved config.json decides: model.config, a model group's, is not applied
+    own = OmegaConf.to_container(cfg.config, resolve=True)
+    if cfg.name_or_path is not None:
         config = load_config(cfg.name_or_path)  # refuses a folder without config.json
         source = f"model.name_or_path={cfg.name_or_path} is a {config.model_type} model"
         refuse_other_architecture(config, auto_class, source)
+        # Its saved config decides (a value that changes a layer's size would start that layer anew). model.config
+        # may come from a model group, not from you: say what is not applied rather than refuse.
+        ignored = [
+            f"{key}={value} (saved: {getattr(config, key, None)})"
+            for key, value in own.items()
+            if getattr(config, key, None) != value
+        ]
+        if ignored:
+            logger.warning(
+                f"model.config not applied to the saved model of model.name_or_path: {', '.join(ignored)} "
+                "(model=pretrained brings no model.config)"
+            )
         folder = model_folder(cfg.name_or_path)
         with loading(cfg.name_or_path):
             return auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs)
-    own = OmegaConf.to_container(cfg.config, resolve=True)
     refuse_task_keys(own, scratch_kwargs)
     with refused_config(f"a {cfg.model_type} model"):
         config = AutoConfig.for_model(cfg.model_type, **{**own, **scratch_kwargs})
