@@ -2,6 +2,7 @@
 loss, Ctrl-C. Each is a UserError whose message says what was wrong, what is allowed and which key to change;
 `reported` prints it as one short block and exits non-zero, without the traceback (HYDRA_FULL_ERROR=1 shows it)."""
 
+import logging
 import os
 import sys
 import traceback
@@ -26,6 +27,13 @@ class Interrupted(UserError):
 def process_rank() -> int:
     """This process's rank in a multi-process launch (torchrun/accelerate set RANK, MPI its own variables); 0 alone."""
     return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0)
+
+
+def warn(logger: logging.Logger, message: str) -> None:
+    """A warning about the config, from the main process only (each process would repeat it). A plain logger, not
+    Accelerate's: that one fails where no Accelerate state exists (the parity benchmark's plain PyTorch loop)."""
+    if process_rank() == 0:
+        logger.warning(message)
 
 
 @contextmanager

@@ -4,13 +4,13 @@ transformers architecture built from scratch (the `model` config says which; see
 import difflib
 import inspect
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate.logging import get_logger
 from huggingface_hub.errors import StrictDataclassError
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from .config import ConfigError, model_folder
+from .errors import warn
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
@@ -198,9 +199,10 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
             if getattr(config, key, None) != value
         ]
         if ignored:
-            logger.warning(
+            warn(
+                logger,
                 f"model.config not applied to the saved model of model.name_or_path: {', '.join(ignored)} "
-                "(model=pretrained brings no model.config)"
+                "(model=pretrained brings no model.config)",
             )
         folder = model_folder(cfg.name_or_path)
         with loading(cfg.name_or_path):

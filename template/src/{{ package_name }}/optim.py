@@ -1,13 +1,15 @@
 """Optimizer and learning-rate schedule from the config."""
 
+import logging
+
 import torch
-from accelerate.logging import get_logger
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
 from .config import OptimizerName, SchedulerName
+from .errors import warn
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -24,8 +26,9 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, max_steps: int):
     """A schedule over optimizer steps (the loop steps it once per optimizer step)."""
     if cfg.warmup_steps >= max_steps and cfg.name != SchedulerName.constant:  # a short run under a task's warmup, say
-        logger.warning(
+        warn(
+            logger,
             f"scheduler.warmup_steps={cfg.warmup_steps} is not below trainer.max_steps={max_steps}: the learning rate "
-            "never reaches optimizer.lr (lower scheduler.warmup_steps, or scheduler=constant)"
+            "never reaches optimizer.lr (lower scheduler.warmup_steps, or scheduler=constant)",
         )
     return get_scheduler(cfg.name.value, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
