@@ -166,8 +166,12 @@ reset_accelerate_state = importlib.import_module(f"{PACKAGE}.launch").reset_acce
 def isolated_global_state():
     """Each test starts from the same global state, whatever ran before it and in whatever order: the random
     generators (a toy built from the generator that earlier tests left behind trains differently), torch's
-    deterministic mode and thread count, and Accelerate's singletons."""
+    deterministic mode and thread count, Accelerate's singletons, and the root logger's handlers: a script's Hydra
+    run adds a console handler on that test's captured output, closed once the test ends, and a file handler on
+    that run's log."""
     threads = torch.get_num_threads()
+    root = logging.getLogger()
+    handlers = root.handlers[:]
     # Every run ends with Accelerate's free_memory, a full gc.collect(): over the million objects that the imports of
     # torch, transformers and the rest left, half a second each time. Frozen here (after collecting the previous
     # test's garbage), they are never scanned again, and a collection costs what the test itself allocated.
@@ -181,6 +185,7 @@ def isolated_global_state():
     torch.use_deterministic_algorithms(False)
     torch.set_num_threads(threads)
     reset_accelerate_state()
+    root.handlers[:] = handlers
 
 
 # The schemas in Hydra's ConfigStore, once per session (the launch module, imported above, registers the resolvers
