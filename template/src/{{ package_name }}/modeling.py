@@ -131,11 +131,12 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str, labels: list | N
             "give data with the labels (and the vocabulary) the model was trained on"
         )
     # Layers the folder has no weights for (a classifier's folder loaded as a language model gets a new head) start
-    # from random values. Tied weights are saved under one of their names.
+    # from random values. Tied weights are saved under one of their names. (A folder from older transformers holds
+    # pytorch_model.bin instead, whose names are not read here.)
     names = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
-    missing = [group[0] for group in names.values() if not saved.intersection(group)]
+    missing = [group[0] for group in names.values() if saved and not saved.intersection(group)]
     if missing:
         kind, built_kind = _saved_architectures(folder), type(model).__name__
         why = (
