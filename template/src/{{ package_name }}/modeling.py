@@ -136,9 +136,11 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str, labels: list | N
     names = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
-    missing = [group[0] for group in names.values() if saved and not saved.intersection(group)]
+    missing = [group[0] for group in names.values() if not saved.intersection(group)] if saved else []
+    config_file = folder / "config.json"  # None for your own module's export
+    config = json.loads(config_file.read_text()) if config_file.is_file() else None
     if missing:
-        kind, built_kind = _saved_architectures(folder), type(model).__name__
+        kind, built_kind = ", ".join((config or {}).get("architectures") or []), type(model).__name__
         why = (
             "its weight files lack them: export or copy the model again"
             if kind == built_kind
@@ -148,7 +150,7 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str, labels: list | N
             f"model.name_or_path={name_or_path} has no weights for {len(missing)} parameters of {built_kind} "
             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), which would score untrained; {why}"
         )
-    refuse_other_labels(_label_names(folder), labels, f"model.name_or_path={name_or_path}")
+    refuse_other_labels(_label_names(folder, config), labels, f"model.name_or_path={name_or_path}")
 
 
 def refuse_other_labels(saved: list | None, labels: list | None, source: str) -> None:
@@ -161,22 +163,14 @@ def refuse_other_labels(saved: list | None, labels: list | None, source: str) ->
         )
 
 
-def _saved_architectures(folder: Path) -> str | None:
-    """The class a transformers folder was saved from (config.json's architectures), e.g. 'BertForMaskedLM'."""
-    config = folder / "config.json"
-    architectures = json.loads(config.read_text()).get("architectures") if config.is_file() else None
-    return ", ".join(architectures) if architectures else None
-
-
-def _label_names(folder: Path) -> list | None:
-    """The label names saved with a model: a transformers config.json's id2label (None where it holds only
-    transformers' defaults), or the metadata of your own module's weight file (checkpoints.export)."""
-    config = folder / "config.json"
-    if not config.is_file():
+def _label_names(folder: Path, config: dict | None) -> list | None:
+    """The label names saved with a model: its config.json's id2label (`config`; None where it holds only
+    transformers' defaults), or for your own module's export (no config.json) its weight file's metadata."""
+    if config is None:
         with safe_open(folder / WEIGHTS_FILE, "pt") as weights:
             saved = (weights.metadata() or {}).get("labels")
         return json.loads(saved) if saved else None
-    saved = json.loads(config.read_text()).get("id2label")
+    saved = config.get("id2label")
     names = [saved[key] for key in sorted(saved, key=int)] if saved else []
     return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
 
