@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import tqdm.std
 
 # Nothing may touch the network, and nothing may write into the user's Hugging Face cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -65,6 +66,13 @@ def run_in_process(script: str, args: list, capsys=None) -> tuple:
         return code, ""
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+# Progress bars share a lock across forked processes (tqdm's multiprocessing RLock, made at the first bar). A
+# ForkedScript killed with SIGKILL while it draws a bar would leave that lock taken, and this process's next bar
+# would wait for it forever (seen in the SIGKILL test). The children write to files of their own: a lock per process
+# is enough, so there is none across processes.
+tqdm.std.TqdmDefaultWriteLock.mp_lock = None
 
 
 class ForkedScript:
