@@ -6,6 +6,7 @@ with the key and the list of valid values. Numeric ranges are declared next to e
 """
 
 import difflib
+import functools
 import operator
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -462,6 +463,7 @@ class ValidateConfig(Callback):
             validate(config)
 
 
+@functools.cache  # once per process: each store converts the dataclasses anew (the tests run scripts in-process)
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
