@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from datasets.utils import logging as datasets_logging
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -223,8 +223,16 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
         seen = {name: {str(value) for value in split.unique(column)} for name, split in splits.items()}
         names = sorted(set().union(*seen.values()), key=_natural)
         label = ClassLabel(names=names)
-        splits = splits.cast_column(column, Value("string")) if feature.dtype != "string" else splits
-        splits = splits.map(lambda row: {column: label.str2int(row[column])}).cast_column(column, label)
+        splits = DatasetDict(
+            {  # one pass over each split, a batch at a time
+                name: split.map(
+                    lambda batch: {column: label.str2int([str(value) for value in batch[column]])},
+                    batched=True,
+                    features=Features({**split.features, column: label}),
+                )
+                for name, split in splits.items()
+            }
+        )
         seen = {name: {label.str2int(value) for value in values} for name, values in seen.items()}
     train = source(splits["train"])
     if len(seen["train"]) < 2:
