@@ -422,7 +422,7 @@ def validate(cfg: DictConfig) -> None:
     if (data.name is None) == (not data.files):
         problems.append(
             f"data: set exactly one of data.name (a hub or built-in dataset; now {data.name}) and data.files (local "
-            "csv/json/parquet files or image folders per split; data=files sets it, with data.name=null)"
+            "csv/tsv/json/parquet/txt files or image folders per split; data=files sets it, with data.name=null)"
         )
     if "checkpoint_path" in cfg and cfg.checkpoint_path is None and cfg.model.name_or_path is None:
         problems.append(  # evaluate.py: a model nobody trained (the default's, built from scratch) is not a result

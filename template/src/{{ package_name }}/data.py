@@ -14,20 +14,31 @@ from torch.utils.data import DataLoader
 
 from .errors import UserError
 
-# Plain text: one row per paragraph (blank lines separate them) in a column "text", for the language-model tasks.
-FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+# A file's extension -> the datasets builder that reads it, and that builder's options. Plain text: one row per
+# paragraph (blank lines separate them) in a column "text", for the language-model tasks.
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+FORMAT_OPTIONS = {".tsv": {"sep": "\t"}, ".txt": {"sample_by": "paragraph"}}
+COMPRESSIONS = (".gz", ".bz2", ".xz")  # datasets decompresses these: train.csv.gz is a csv file
+
+
+def file_type(path: Path) -> str:
+    """The extension that says how a file is read: .csv for train.csv and train.csv.gz alike ('' for none)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
 
 
 class DataError(UserError, ValueError):
     """A data file or dataset that cannot be used as it is; the message names the file, row and column."""
 
 
-def load_file(split: str, path: Path, file_format: str) -> Dataset:
+def load_file(split: str, path: Path) -> Dataset:
     """One split's file, or a DataError naming the file and, where it can, the line that is wrong."""
+    file_format, options = FILE_FORMATS[file_type(path)], FORMAT_OPTIONS.get(file_type(path), {})
     verbosity = datasets_logging.get_verbosity()
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its log of the parser error would come first
     try:
-        options = {"sample_by": "paragraph"} if file_format == "text" else {}
         return load_dataset(file_format, data_files=str(path), split="train", **options)
     except Exception as error:  # datasets wraps the parser's error (pandas, pyarrow) in its own
         raise DataError(f"data.files.{split}={path}: {_file_problem(path, file_format, error)}") from error
@@ -40,7 +51,7 @@ def _file_problem(path: Path, file_format: str, error: Exception) -> str:
         return "no such file"
     if "corresponds to no data" in str(error) or path.stat().st_size == 0:
         return "the file has no rows (is it empty, or only a header?)"
-    if file_format == "json":
+    if file_format == "json" and path.suffix.lower() not in COMPRESSIONS:
         with path.open() as lines:
             for number, line in enumerate(lines, 1):
                 try:
@@ -64,14 +75,13 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
         if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
             raw = load_dataset("imagefolder", data_files={split: str(path / "**") for split, path in files.items()})
         else:
-            suffixes = {path.suffix.lower() for path in files.values()}
-            if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_FORMATS:
+            types = {file_type(path) for path in files.values()}
+            if len(types) != 1 or next(iter(types)) not in FILE_FORMATS:
                 raise DataError(
-                    f"data.files must all have one of the extensions {sorted(FILE_FORMATS)}, or all be image "
-                    f"folders; got {sorted(suffixes)}"
+                    f"data.files must all have one of the extensions {sorted(FILE_FORMATS)} (also compressed: "
+                    f"{', '.join(COMPRESSIONS)}), or all be image folders; got {sorted(types)}"
                 )
-            file_format = FILE_FORMATS[suffixes.pop()]
-            raw = DatasetDict({split: load_file(split, path, file_format) for split, path in files.items()})
+            raw = DatasetDict({split: load_file(split, path) for split, path in files.items()})
         sources = {split: f"data.files.{split}={path}" for split, path in files.items()}
     else:
         raw = builtin[cfg.name]() if cfg.name in builtin else load_hub_dataset(cfg, builtin)
