@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands import accelerate_cli
 from conftest import CHECKS_ON, PACKAGE, TASKS, ForkedScript, run_in_process
-from mistakes import TOY, Mistake, copy_toy_model, train_script_first
+from mistakes import TOY, Mistake, copy_toy_model, train_script_first, write
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
@@ -50,6 +50,12 @@ MISTAKES = [
         "holds another run (checkpoints/step_00000004, model, metrics.json), and this run starts from scratch",
         prepare=train_script_first(*CHECKPOINTED),
         on_disk=["run/.hydra/config.yaml", "run/checkpoints/step_00000004"],
+    ),
+    Mistake(  # the row's run folder, {tmp}/run, is a file
+        "run folder where a file is",
+        [TOY],
+        "/run cannot be a run folder (a file of that name is there); choose another",
+        prepare=write({"run": "notes"}),
     ),
     Mistake(
         "resume=latest where there is no checkpoint",  # a finished run without checkpoints: it would start over

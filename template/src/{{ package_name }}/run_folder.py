@@ -152,8 +152,12 @@ def refuse_reuse(run_dir: Path, resume: str | None) -> None:
 
 def acquire(run_dir: Path):
     """Lock the run folder for as long as the returned file stays open, or refuse naming the run that holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    file = (run_dir / LOCK_FILE).open("a+")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = (run_dir / LOCK_FILE).open("a+")
+    except OSError as error:  # a file of that name, a folder this user may not write, a read-only disk, ...
+        problem = "a file of that name is there" if run_dir.is_file() else error.strerror
+        raise RunFolderError(f"hydra.run.dir={run_dir} cannot be a run folder ({problem}); choose another") from None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
