@@ -73,7 +73,13 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
                 leave_out = "" if split == cfg.train_split else f" (or leave the split out: ~data.files.{split})"
                 raise DataError(f"data.files.{split}: no such file or folder: {path}{leave_out}")
         if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
-            raw = load_dataset("imagefolder", data_files={split: str(path / "**") for split, path in files.items()})
+            # Labels from class subfolders, also where there is one class only (datasets would drop the column, and
+            # the task would report a missing column, not a single class); not with a metadata file of labels.
+            by_class = all(
+                any(p.is_dir() for p in path.iterdir()) and not any(path.glob("metadata.*")) for path in files.values()
+            )
+            patterns = {split: str(path / "**") for split, path in files.items()}
+            raw = load_dataset("imagefolder", data_files=patterns, drop_labels=False if by_class else None)
         else:
             types = {file_type(path) for path in files.values()}
             if len(types) != 1 or next(iter(types)) not in FILE_FORMATS:
