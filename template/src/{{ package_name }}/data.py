@@ -157,13 +157,16 @@ def require_columns(dataset: Dataset, columns: dict) -> None:
 
 def as_text(dataset: Dataset, columns: dict) -> Dataset:
     """The `columns` (config keys -> column names) as strings: a csv column of numbers only is read as numbers, and a
-    tokenizer takes text. Lists or records there are a DataError."""
+    tokenizer takes text. Lists or records there, or only blank cells (a text file of empty lines), are a DataError."""
     for key, column in columns.items():
         feature = dataset.features[column]
         if not isinstance(feature, Value):
             raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds {feature}, not text")
         if feature.dtype not in ("string", "large_string"):
             dataset = dataset.cast_column(column, Value("string"))
+        cells = dataset.with_format("arrow")[column]
+        if len(cells) and not pc.max(pc.utf8_length(pc.utf8_trim_whitespace(cells))).as_py():
+            raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds no text, only blank cells")
     return dataset
 
 
