@@ -65,9 +65,7 @@ class Task:
 
     def logits(self, model, batch: dict) -> torch.Tensor:
         """The model's output scores for `batch`, aligned with batch["labels"] ([..., classes or vocabulary])."""
-        inputs = {name: value for name, value in batch.items() if name != "labels"}
-        output = model(**inputs)
-        return output if torch.is_tensor(output) else output.logits  # your own module may return the tensor
+        return logits_of(model(**{name: value for name, value in batch.items() if name != "labels"}))
 
     def labelled(self, batch: dict) -> torch.Tensor:
         """How many labelled items (examples or tokens) the batch holds: the loss is a sum over these."""
@@ -150,6 +148,11 @@ def embedding_rows(model) -> int | None:
     except (AttributeError, NotImplementedError):  # no get_input_embeddings, or none the model can name
         return None
     return None if weight is None else weight.shape[0]
+
+
+def logits_of(output) -> torch.Tensor:
+    """A model's output as logits: a transformers model's output has `.logits`; your own module may return them."""
+    return output if torch.is_tensor(output) else output.logits
 
 
 def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
