@@ -4,6 +4,9 @@ verified on load, pruned by a keep policy; and the final export as a CPU `save_p
 import hashlib
 import json
 import shutil
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import accelerate
@@ -30,6 +33,10 @@ PREFIX = "step_"
 
 class CorruptCheckpointError(UserError, RuntimeError):
     """A checkpoint folder whose files do not match what was written."""
+
+
+class CheckpointMismatchError(UserError, RuntimeError):
+    """A sound checkpoint whose state does not fit what the code builds now."""
 
 
 def versions() -> dict:
@@ -132,6 +139,24 @@ def resolve_resume(resume: str | None, folder: Path) -> Path | None:
         except CorruptCheckpointError as error:
             logger.warning(f"skipping a bad checkpoint: {error}", main_process_only=True)
     return None  # nothing yet: start from scratch (so a preempted job can be requeued as it was)
+
+
+@contextmanager
+def fitting(path: Path) -> Iterator[None]:
+    """Loading the state of checkpoint `path`, saved by an earlier run: parameters of other names or shapes than the
+    code builds now are a CheckpointMismatchError that names them."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as error:
+        now, saved_with = versions(), read_record(path)["versions"]
+        changed = [f"{name} {saved} -> {now[name]}" for name, saved in saved_with.items() if now[name] != saved]
+        libraries = f" (or a library: {', '.join(changed)})" if changed else ""
+        reason = textwrap.shorten(str(error), 300, placeholder=" ...")
+        raise CheckpointMismatchError(
+            f"{path}: its state does not fit what this code builds ({reason}): the model's code changed since it was "
+            f"saved{libraries}. Use the code it was saved with, or start a new run (resume=null, in a new "
+            "hydra.run.dir)"
+        ) from None
 
 
 def load(accelerator: Accelerator, path: Path, verified: bool = False) -> dict:

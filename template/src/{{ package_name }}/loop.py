@@ -309,9 +309,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         # a resume without compile). Here names, checkpoints and the export are the same as without compile.
         model.compile()
 
-    # resolve_resume verified it: hashing a large checkpoint's files once is enough.
-    state = new_state(seed) if resume_from is None else checkpoints.load(accelerator, resume_from, verified=True)
+    state = new_state(seed)
     if resume_from is not None:
+        with checkpoints.fitting(resume_from):  # resolve_resume verified it: hashing a large checkpoint once is enough
+            state = checkpoints.load(accelerator, resume_from, verified=True)
         logger.info(f"resumed from {resume_from} at step {state['step']}", main_process_only=True)
     stopping = EarlyStopping.from_config(cfg, task)
     objects = (model, optimizer, scheduler, train_dl, eval_dl)
@@ -500,7 +501,8 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         refuse_other_labels(record.get("labels"), task.labels, f"checkpoint_path={cfg.checkpoint_path}")
         # load_model, not load_state_dict: the checkpoint holds one of each group of tied weights (an embedding
         # shared with the output layer, say), and load_model knows the others are the same tensor.
-        load_model(model, checkpoint / "model.safetensors")
+        with checkpoints.fitting(checkpoint):
+            load_model(model, checkpoint / "model.safetensors")
     model, dataloader = accelerator.prepare(model, make_eval_dataloader(datasets[cfg.split], cfg.data, task.collate))
     metrics, records = evaluate(task, model, dataloader, accelerator)
     source = str(checkpoint or cfg.model.name_or_path or cfg.model._target_ or cfg.model.model_type)

@@ -5,6 +5,7 @@ import difflib
 import inspect
 import json
 import logging
+import textwrap
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,11 +98,11 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
         try:
             module.load_state_dict(weights)
         except RuntimeError as error:  # names or sizes that differ: the first line says which class, the rest which
-            differences = " ".join(" ".join(str(error).split("\n")[1:]).split())
+            differences = textwrap.shorten(" ".join(str(error).split("\n")[1:]), 300, placeholder=" ...")
             raise ConfigError(
                 f"model.name_or_path={cfg.name_or_path}: its weights do not fit the {cfg._target_} that model.config "
-                f"and the data build ({differences[:300]}{' ...' if len(differences) > 300 else ''}); give the "
-                "model.config it was trained with, and data with the labels (and the vocabulary) it was trained on"
+                f"and the data build ({differences}); give the model.config it was trained with, and data with the "
+                "labels (and the vocabulary) it was trained on"
             ) from None
     return module
 
