@@ -134,7 +134,7 @@ def test_nonfinite_loss_stops_before_the_next_checkpoint_even_between_log_steps(
 
 
 def test_the_stop_guard_reads_no_loss_at_a_step_only_when_checked(pkg):
-    guard = pkg.loop.NonFiniteGuard(pkg.config.TrainerConfig(), pkg.loop.new_state(seed=0))
+    guard = pkg.loop.NonFiniteGuard(pkg.config.TrainerConfig(), pkg.loop.new_state(seed=0, train_data={}))
     # A tensor on the meta device has no value to read: a per-step check (.item(), a host-device synchronization
     # that leaves a GPU idle) would raise here.
     assert all(guard.allows_update(step, torch.zeros((), device="meta")) for step in (1, 2, 3))

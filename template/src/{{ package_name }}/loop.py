@@ -261,8 +261,9 @@ class Run:
         self.guard = NonFiniteGuard(self.trainer, self.state)
 
 
-def new_state(seed: int) -> dict:
+def new_state(seed: int, train_data: dict) -> dict:
     return {
+        "train_data": train_data,  # what the run trains on (run_folder.check_same_data compares it on resume)
         "step": 0,  # optimizer steps taken
         "batches_seen": 0,  # micro-batches consumed on each process
         "seed": seed,
@@ -309,10 +310,12 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         # a resume without compile). Here names, checkpoints and the export are the same as without compile.
         model.compile()
 
-    state = new_state(seed)
+    train_data = {"examples": len(datasets["train"]), "fingerprint": datasets["train"]._fingerprint}
+    state = new_state(seed, train_data)
     if resume_from is not None:
         with checkpoints.fitting(resume_from):  # resolve_resume verified it: hashing a large checkpoint once is enough
             state = checkpoints.load(accelerator, resume_from, verified=True)
+        run_folder.check_same_data(resume_from, state.get("train_data"), train_data, cfg.resume_allow)
         logger.info(f"resumed from {resume_from} at step {state['step']}", main_process_only=True)
     stopping = EarlyStopping.from_config(cfg, task)
     objects = (model, optimizer, scheduler, train_dl, eval_dl)

@@ -1,12 +1,14 @@
 """A run folder belongs to one run. A run that would start from scratch in a folder that holds another run's outputs is
 refused (it would mix its checkpoints with the old ones, and prune the wrong ones); so is a second run started into a
-folder while a run is using it (a lock); and a resume whose config changes what the checkpoint's run was trained on.
+folder while a run is using it (a lock); and a resume whose config changes what the checkpoint's run was trained on,
+or whose training data is not the data it trained on (loop.setup checks that, once the data is loaded).
 
 All of this happens in a Hydra callback, before Hydra writes the new run's .hydra/*.yaml and log over the old ones: a
 refused run changes nothing on disk. `loop.setup` repeats the checks for code that calls `loop.train` directly.
 """
 
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
@@ -17,7 +19,9 @@ from omegaconf import DictConfig, open_dict
 
 from . import checkpoints, launch
 from .config import ConfigError, to_container
-from .errors import UserError, process_rank
+from .errors import UserError, process_rank, warn
+
+logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"  # locked by the main process while a run uses the folder; it holds that run's pid and host
 OUTPUTS = ("model", "best_model", "metrics.json")  # what a run leaves besides checkpoints
@@ -111,6 +115,26 @@ def check_resume(checkpoint: Path, cfg: DictConfig, num_processes: int) -> list:
             f"or accept the change on purpose: resume_allow=[{keys}]"
         )
     return resume_problems(saved, new)
+
+
+def check_same_data(checkpoint: Path, saved: dict | None, now: dict, allowed) -> None:
+    """Refuse a resume whose training split has another number of examples than the checkpoint's run had (a data file
+    edited since, say): its sampler position would point elsewhere. Other content (datasets' fingerprint of the
+    split, which also changes with how it is processed) gets a warning. resume_allow=[data] accepts either."""
+    if saved is None or saved == now or any(_matches(key, ["data"]) for key in allowed):
+        return  # (a checkpoint of older code records no training data)
+    if saved["examples"] == now["examples"]:
+        warn(
+            logger,
+            f"the training split differs from that of the run of {checkpoint} (the same number of examples, other "
+            "content or processing): the resumed run does not repeat that run; resume_allow=[data] accepts it",
+        )
+        return
+    raise RunFolderError(
+        f"resume={checkpoint}: the training split is not the one its run trained on ({saved['examples']} examples "
+        f"then, {now['examples']} now): a data file changed since, or how it is read. Resume with that data; or start "
+        "a new run (resume=null, in a new hydra.run.dir); or accept the change on purpose: resume_allow=[data]"
+    )
 
 
 def _resumed_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
