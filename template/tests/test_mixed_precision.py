@@ -26,3 +26,19 @@ def test_bf16_autocasts_and_its_losses_track_fp32(pkg, make_config, toy_override
     assert bf16["metrics"][monitor] == pytest.approx(fp32["metrics"][monitor], rel=FINAL_METRIC_RELATIVE)
     weights = load_file(tmp_path / "bf16" / "model" / "model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # autocast leaves fp32 master weights
+
+
+def test_the_config_decides_and_says_so_when_accelerate_launch_asks_for_other_precision_or_compile(
+    pkg, make_config, tmp_path, monkeypatch, caplog
+):
+    # What `accelerate launch --mixed_precision bf16 --dynamo_backend inductor` (or a default config file of
+    # `accelerate config`) passes on to the processes it starts.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    accelerator = pkg.loop.make_accelerator(make_config("trainer.log_with=none").trainer, tmp_path)
+    assert accelerator.mixed_precision == "no" and accelerator.state.dynamo_plugin.backend.value == "NO"
+    assert "accelerate launch asks for mixed precision bf16 (--mixed_precision), and trainer.mixed_precision=no" in (
+        caplog.text
+    )
+    assert "add trainer.mixed_precision=bf16 to use it" in caplog.text
+    assert "add trainer.compile=true to compile" in caplog.text

@@ -85,6 +85,25 @@ def check_launch() -> None:
         )
 
 
+def unheeded_launch_options(trainer) -> list:
+    """What `accelerate launch` (its flags, or its config file) asks for that the trainer config decides otherwise:
+    mixed precision and torch.compile are trainer.mixed_precision's and trainer.compile's, as the run records them."""
+    unheeded = []
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("no", trainer.mixed_precision.value):
+        unheeded.append(
+            f"mixed precision {precision} (--mixed_precision), and trainer.mixed_precision="
+            f"{trainer.mixed_precision.value} decides: add trainer.mixed_precision={precision} to use it"
+        )
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    if backend != "no" and not trainer.compile:
+        unheeded.append(
+            f"torch.compile's {backend} backend (--dynamo_backend), and trainer.compile=false decides: add "
+            "trainer.compile=true to compile"
+        )
+    return unheeded
+
+
 def log_suffix() -> str:
     """'' for the main process, '_rank<N>' for the others: each process logs to its own file of the run folder."""
     rank = process_rank()

@@ -69,6 +69,7 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         cpu=launch.use_cpu(cfg.cpu),  # several processes on a machine without GPUs: one gloo group on the CPU
         mixed_precision=cfg.mixed_precision.value,
+        dynamo_backend="no",  # trainer.compile compiles the model itself (see setup), keeping its parameter names
         # Cycles of micro-batches run on across epoch ends (see `train`), so Accelerate must not
         # force a sync at the end of each epoch.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -82,6 +83,8 @@ def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
     )
+    for unheeded in launch.unheeded_launch_options(cfg):
+        logger.warning(f"accelerate launch asks for {unheeded}", main_process_only=True)
     if cfg.cpu and accelerator.device.type != "cpu":  # launch.share_run_stamp started the group on the GPUs
         raise ConfigError(
             "trainer.cpu=true: this multi-process launch runs on GPUs; launch it with ACCELERATE_USE_CPU=1"
