@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from datasets import DatasetDict
 from omegaconf import DictConfig
 
-from ..config import MetricMode
+from ..config import ConfigError, MetricMode
 
 IGNORE_INDEX = -100  # the label of positions without a loss: padding, prompts (the transformers convention)
 
@@ -137,6 +137,34 @@ class Task:
     def samples(self, model, dataset) -> dict:
         """A few examples of what the model produces, as text for the tracker (generative tasks); {} if none."""
         return {}
+
+
+# The names transformers configs give the number of positions a model can attend to.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def max_positions(model) -> int | None:
+    """The most tokens the model reads at once, as its config states it (None: it states no limit, as T5's relative
+    positions or your own module). RoBERTa-style position ids start after the padding id: those rows are not usable."""
+    config = getattr(model, "config", None)
+    positions = next((getattr(config, key) for key in POSITION_KEYS if getattr(config, key, None)), None)
+    if positions is None or positions <= 0:  # XLNet: -1
+        return None
+    tables = (module for name, module in model.named_modules() if name.endswith("embeddings.position_embeddings"))
+    padding = getattr(next(tables, None), "padding_idx", None)
+    return positions if padding is None else positions - padding - 1
+
+
+def refuse_longer_than_positions(model, lengths: dict) -> None:
+    """Refuse a task whose inputs (`lengths`: task key -> tokens) reach past the model's positions: the first long
+    batch would fail deep in the model (a tensor size that does not match), or read positions it never learnt."""
+    positions = max_positions(model)
+    key, tokens = max(lengths.items(), key=lambda item: item[1])
+    if positions is not None and tokens > positions:
+        raise ConfigError(
+            f"{key}={tokens} is longer than the {positions} positions the model has: lower {key}, or give a model "
+            "from scratch more (its task sets model.config.max_position_embeddings from these lengths)"
+        )
 
 
 def embedding_rows(model) -> int | None:
