@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
@@ -19,6 +20,7 @@ from .errors import UserError
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 FORMAT_OPTIONS = {".tsv": {"sep": "\t"}, ".txt": {"sample_by": "paragraph"}}
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # datasets decompresses these: train.csv.gz is a csv file
+NOT_UTF8 = "not UTF-8 text (Latin-1 or Windows-1252, say): save the file as UTF-8"
 
 
 def file_type(path: Path) -> str:
@@ -51,6 +53,11 @@ def _file_problem(path: Path, file_format: str, error: Exception) -> str:
         return "no such file"
     if "corresponds to no data" in str(error) or path.stat().st_size == 0:
         return "the file has no rows (is it empty, or only a header?)"
+    cause = error
+    while not isinstance(cause, UnicodeDecodeError) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is {NOT_UTF8}"
     if file_format == "json" and path.suffix.lower() not in COMPRESSIONS:
         with path.open() as lines:
             for number, line in enumerate(lines, 1):
@@ -165,7 +172,11 @@ def as_text(dataset: Dataset, columns: dict) -> Dataset:
         if feature.dtype not in ("string", "large_string"):
             dataset = dataset.cast_column(column, Value("string"))
         cells = dataset.with_format("arrow")[column]
-        if len(cells) and not pc.max(pc.utf8_length(pc.utf8_trim_whitespace(cells))).as_py():
+        try:
+            blank = len(cells) and not pc.max(pc.utf8_length(pc.utf8_trim_whitespace(cells))).as_py()
+        except pa.ArrowInvalid:  # Latin-1 text, say, which pyarrow's json reader passes on unchecked
+            raise DataError(f"{source(dataset)}: column {column!r} ({key}) is {NOT_UTF8}") from None
+        if blank:
             raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds no text, only blank cells")
     return dataset
 
