@@ -162,8 +162,8 @@ def refuse_longer_than_positions(model, lengths: dict) -> None:
     key, tokens = max(lengths.items(), key=lambda item: item[1])
     if positions is not None and tokens > positions:
         raise ConfigError(
-            f"{key}={tokens} is longer than the {positions} positions the model has: lower {key}, or give a model "
-            "from scratch more (its task sets model.config.max_position_embeddings from these lengths)"
+            f"{key}={tokens} is longer than the {positions} positions the model has: lower {key}, or choose a model "
+            "of more positions (a model from scratch gets as many as the task's lengths need)"
         )
 
 
