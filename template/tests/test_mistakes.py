@@ -177,6 +177,19 @@ MISTAKES += [
     Mistake(
         "evaluate a missing model", [TOY, "model.name_or_path={tmp}/nothing"], "no such folder", script="evaluate.py"
     ),
+    Mistake(  # it would be taken for a model folder without tokenizer or config files
+        "evaluate a run folder as the model",
+        [TOY, "model.name_or_path={tmp}/run"],
+        "/run is a run folder: its exported model is model.name_or_path=",
+        script="evaluate.py",
+        prepare=train_script_first(),
+    ),
+    Mistake(
+        "fine-tune a checkpoint as the model",
+        [TOY, "model.name_or_path={tmp}/run/checkpoints/step_00000004"],
+        "step_00000004 is a checkpoint, not a model folder: evaluate it with checkpoint_path=",
+        prepare=train_script_first(*CHECKPOINTED),
+    ),
     Mistake(  # without either, it would evaluate a model built from scratch: numbers of no model anyone trained
         "evaluate with neither a model nor a checkpoint",
         [TOY, "model.name_or_path=null"],
