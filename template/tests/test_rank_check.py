@@ -86,16 +86,25 @@ def test_rank_check_ranks_real_runs_and_reuses_them(toy_overrides, pkg, tmp_path
     assert "holds a run of other overrides" in output and "Traceback" not in output
 
 
+PLAN = "{tmp}/plan.yaml"  # in args: a plan file holding the case's text
+
+
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, text",
     [
-        (["--hypothesis", "optimizer.lr=1e-3"], "at least 2 hypotheses"),
-        (["--hypothesis", "optimizer.lr=1e-3", "--hypothesis", "optimizer.lr=-1"], "optimizer.lr=-1.0 is out of range"),
-        (["--hypothesis", "optimizer.lr=1e-3", "--hypothesis", "optimizer.lrr=1"], "hypothesis 1 at the proxy budget"),
-        (["--plan", "no_such_plan.yaml"], "no such file"),
+        (["--hypothesis", "optimizer.lr=1e-3"], "at least 2 hypotheses", None),
+        (["--hypothesis", "optimizer.lr=1e-3", "--hypothesis", "optimizer.lr=-1"], "lr=-1.0 is out of range", None),
+        (["--hypothesis", "optimizer.lr=1e-3", "--hypothesis", "optimizer.lrr=1"], "hypothesis 1 at the proxy", None),
+        (["--plan", "no_such_plan.yaml"], "no such file", None),
+        (["--plan", PLAN], "plan.yaml is not valid YAML (line 1, column 10): expected the node content", "common: ["),
+        (["--plan", PLAN], "['hypothesis']: not keys of a plan, whose keys are", "hypothesis:\n- [optimizer.lr=1]\n"),
+        (["--plan", PLAN], "plan.yaml holds a list; a plan is a mapping of the keys", "- [optimizer.lr=1]\n"),
     ],
 )
-def test_bad_plans_are_refused_before_anything_trains(toy_overrides, tmp_path, capsys, args, message):
+def test_bad_plans_are_refused_before_anything_trains(toy_overrides, tmp_path, capsys, args, message, text):
+    if text is not None:
+        (tmp_path / "plan.yaml").write_text(text)
+    args = [arg.format(tmp=tmp_path) for arg in args]
     out = tmp_path / "check"
     code, output = rank_check([*toy_overrides, *args, "--out", str(out)], capsys)
     assert code == 1

@@ -79,7 +79,19 @@ def read_plan(path: Path, hypotheses: list, budgets: dict, common: list) -> Plan
     name -> overrides, None to keep the plan's)."""
     if not Path(path).is_file():
         raise ConfigError(f"--plan {path}: no such file (the plans are in configs/rank_check/)")
-    plan = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        plan = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError(f"--plan {path} is not valid YAML{where}: {problem}") from None
+    keys = ("hypotheses", "common", *BUDGETS)
+    if not isinstance(plan, dict):
+        raise ConfigError(f"--plan {path} holds a {type(plan).__name__}; a plan is a mapping of the keys {list(keys)}")
+    unknown = sorted(map(str, set(plan) - set(keys)))  # a misspelt key would be left out without a word
+    if unknown:
+        raise ConfigError(f"--plan {path}: {unknown}: not keys of a plan, whose keys are {list(keys)}")
     chosen = hypotheses if hypotheses else plan.get("hypotheses") or []
     if len(chosen) < 2:
         raise ConfigError(f"rank_check needs at least 2 hypotheses to rank; {path} and --hypothesis give {len(chosen)}")
