@@ -44,7 +44,7 @@ def find_runs(paths: list) -> tuple:
     found, silent = [], []
     for path in map(Path, paths):
         if not path.is_dir():
-            raise NoRunsError(f"{path}: no such folder")
+            raise NoRunsError(f"{path}: {'a file, not a folder of runs' if path.exists() else 'no such folder'}")
         below = [path] if is_run(path) else sorted(c.parent.parent for c in path.rglob(".hydra/config.yaml"))
         runs = [folder for folder in below if is_run(folder)]
         if not runs:
