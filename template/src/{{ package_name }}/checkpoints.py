@@ -22,12 +22,10 @@ from transformers.utils import logging as transformers_logging
 
 from .config import KeepPolicy, MetricMode
 from .errors import UserError
-from .modeling import WEIGHTS_FILE
-from .records import to_json
+from .records import STATE_FILE, WEIGHTS_FILE, to_json
 
 logger = get_logger(__name__)
 
-STATE_FILE = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 PREFIX = "step_"
 
 

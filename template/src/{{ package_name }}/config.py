@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import UserError, reported
+from .records import STATE_FILE, WEIGHTS_FILE
 
 
 class MixedPrecision(Enum):
@@ -387,13 +388,13 @@ def model_folder(name_or_path: str) -> Path | None:
     """The local folder that `model.name_or_path` names, or None for a hub id. A path that is not there is refused
     here: transformers would take it for a hub id and fail with a repo id syntax or connection error."""
     folder = Path(name_or_path).expanduser()
-    if (folder / "trainer_state.json").is_file():  # checkpoints.STATE_FILE: the folder is a checkpoint
+    if (folder / STATE_FILE).is_file():
         raise ConfigError(
             f"model.name_or_path={name_or_path} is a checkpoint, not a model folder: evaluate it with "
             f"checkpoint_path={name_or_path}, continue its run with resume={name_or_path}, or give its run's exported "
             "model (<run folder>/model)"
         )
-    exported = ("config.json", "model.safetensors")  # what an export of train.py holds
+    exported = ("config.json", WEIGHTS_FILE)  # what an export of train.py holds
     if (folder / "model").is_dir() and not any((folder / name).is_file() for name in exported):
         raise ConfigError(
             f"model.name_or_path={name_or_path} is a run folder: its exported model is "

@@ -37,7 +37,8 @@ class DataError(UserError, ValueError):
 
 def load_file(split: str, path: Path) -> Dataset:
     """One split's file, or a DataError naming the file and, where it can, the line that is wrong."""
-    file_format, options = FILE_FORMATS[file_type(path)], FORMAT_OPTIONS.get(file_type(path), {})
+    kind = file_type(path)
+    file_format, options = FILE_FORMATS[kind], FORMAT_OPTIONS.get(kind, {})
     verbosity = datasets_logging.get_verbosity()
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its log of the parser error would come first
     try:

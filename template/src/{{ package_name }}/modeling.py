@@ -21,10 +21,10 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from .config import ConfigError, model_folder
 from .errors import warn
+from .records import WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
 

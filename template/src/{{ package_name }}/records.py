@@ -1,10 +1,13 @@
-"""Every JSON file the project writes (checkpoint records, metrics.json, predictions.jsonl) is valid JSON: a NaN or
-infinite number, which json.dumps would write as the invalid `NaN`/`Infinity`, is written as null."""
+"""The names of the files that runs and checkpoints hold, for the modules that write and read them. Every JSON file the
+project writes (checkpoint records, metrics.json, predictions.jsonl) is valid JSON: a NaN or infinite number, which
+json.dumps would write as the invalid `NaN`/`Infinity`, is written as null."""
 
 import json
 import math
 
 METRICS_FILE = "metrics.jsonl"  # in each run folder: metrics_log.py writes it, runs.py reads it
+STATE_FILE = "trainer_state.json"  # in each checkpoint, written last: a checkpoint folder without it is incomplete
+WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
 
 
 def _finite(value):
