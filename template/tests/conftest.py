@@ -230,6 +230,11 @@ TOY_RUN = [  # what every toy run shares: constant lr, no tracker, evaluation an
 CHECKS_ON = "checks.enabled=true"  # a toy run with the preflight checks (tests/test_checks.py, each task's own tests)
 
 
+def toy_model(overrides: list) -> Path:
+    """The saved model folder of a toy run: the folder its model.name_or_path override names."""
+    return Path(next(o for o in overrides if o.startswith("model.name_or_path=")).split("=", 1)[1].strip("'"))
+
+
 def task_name(cfg) -> str:
     """The task of a composed config: the module of its `task._target_` class."""
     return cfg.task._target_.rsplit(".", 2)[-2]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import run_in_process
+from conftest import run_in_process, toy_model
 
 TOY = "<toy>"  # in a row's args: the default task's toy overrides go here
 
@@ -61,7 +61,7 @@ def copy_toy_model(keep: tuple | None = None, drop: tuple = (), cut_short: str |
     but those `drop` names; then cuts the file `cut_short` to half its size."""
 
     def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
-        source = next(arg.split("=", 1)[1].strip("'") for arg in toy if arg.startswith("model.name_or_path="))
+        source = toy_model(toy)
         left_out = [name for name in os.listdir(source) if name in drop or (keep is not None and name not in keep)]
         shutil.copytree(source, tmp / "model", ignore=lambda *_: left_out)
         if cut_short:

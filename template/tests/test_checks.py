@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CHECKS_ON, PACKAGE
+from conftest import CHECKS_ON, PACKAGE, toy_model
 from safetensors.torch import load_file, save_file
 
 checks = importlib.import_module(f"{PACKAGE}.checks")
@@ -72,7 +72,7 @@ def test_checks_pass_and_leave_the_run_bit_identical(pkg, make_config, toy_overr
 def save_broken_copy(overrides: list, folder: Path, change) -> Path:
     """A copy of the toy's saved model with `change` applied to every floating-point weight: a setup broken on
     purpose, saved like any other model (whatever the task and architecture)."""
-    source = Path(next(o for o in overrides if o.startswith("model.name_or_path=")).split("=", 1)[1].strip("'"))
+    source = toy_model(overrides)
     shutil.copytree(source, folder)
     weights = load_file(source / "model.safetensors")
     changed = {name: change(t) if t.is_floating_point() else t for name, t in weights.items()}

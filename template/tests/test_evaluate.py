@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TASKS, reset_accelerate_state, run_in_process
+from conftest import TASKS, reset_accelerate_state, run_in_process, toy_model
 from safetensors.torch import load_file
 
 
@@ -68,12 +68,12 @@ def test_a_model_folder_of_older_transformers_evaluates_like_its_safetensors_twi
 ):
     """Before version 5, transformers saved pytorch_model.bin: such a folder loads and scores as the same model (the
     checks on a folder's weights read safetensors names and must not take a .bin folder for an empty one)."""
-    toy_model = next(o.split("=", 1)[1].strip("'") for o in toy_overrides if o.startswith("model.name_or_path="))
-    older = shutil.copytree(toy_model, tmp_path / "older")
+    saved = toy_model(toy_overrides)
+    older = shutil.copytree(saved, tmp_path / "older")
     torch.save(load_file(older / "model.safetensors"), older / "pytorch_model.bin")
     (older / "model.safetensors").unlink()
     results = []
-    for folder in (toy_model, older):
+    for folder in (saved, older):
         reset_accelerate_state()
         cfg = make_config(*toy_overrides, f"model.name_or_path='{folder}'", config_name="evaluate")
         results.append(pkg.loop.evaluate_saved(cfg, tmp_path / f"evaluated_{len(results)}")["metrics"])
