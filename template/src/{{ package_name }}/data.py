@@ -240,6 +240,11 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
     the label names. Refuses labels that the training split never shows, and a training split of one class:
     both would train to a model that cannot be right (`key` is the config key that names the column)."""
     for split in splits.values():
+        if not isinstance(split.features[column], Value | ClassLabel):
+            raise DataError(
+                f"{source(split)}: column {column!r} ({key}) holds {split.features[column]}, not one label per "
+                "example; class labels are names or whole numbers (several labels per example is not built in)"
+            )
         fractions = [v for v in split.unique(column) if isinstance(v, float) and not v.is_integer()][:3]
         if fractions:
             raise DataError(
