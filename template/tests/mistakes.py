@@ -7,7 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import transformers
 from conftest import run_in_process, toy_model
+from transformers import AutoConfig
 
 TOY = "<toy>"  # in a row's args: the default task's toy overrides go here
 
@@ -70,14 +72,41 @@ def copy_toy_model(keep: tuple | None = None, drop: tuple = (), cut_short: str |
     return prepare
 
 
-def without_tokenizer() -> "Mistake":
-    """The row of a task that loads the tokenizer saved with the model: a model folder without one is refused."""
-    return Mistake(
-        "model folder without tokenizer",
-        [TOY, "model.name_or_path={tmp}/model"],
-        "/model has no tokenizer files",
-        prepare=copy_toy_model(keep=("config.json", "model.safetensors", "generation_config.json")),
-    )
+def tokenizer_rows() -> list:
+    """The rows of a task that loads the tokenizer saved with the model: a model folder without one is refused, and
+    one whose tokenizer gives ids past the model's embedding table, by train.py and evaluate.py alike."""
+    return [
+        Mistake(
+            "model folder without tokenizer",
+            [TOY, "model.name_or_path={tmp}/model"],
+            "/model has no tokenizer files",
+            prepare=copy_toy_model(keep=("config.json", "model.safetensors", "generation_config.json")),
+        ),
+        *(
+            Mistake(  # checks.enabled=false (the toy's): the preflight check of a few batches would see it too
+                f"tokenizer of more ids than the model's embedding table ({script})",
+                [TOY, "model.name_or_path={tmp}/model"],
+                "has 4 rows in its embedding table: its tokenizer is not the one it was trained with",
+                script=script,
+                prepare=embedding_table_cut_to(4),  # fewer than any text's ids
+            )
+            for script in ("train.py", "evaluate.py")
+        ),
+    ]
+
+
+def embedding_table_cut_to(rows: int) -> Callable:
+    """A `prepare` that copies the toy's saved model into {tmp}/model with its embedding table cut to `rows` rows, as
+    if its tokenizer had gained tokens since without resize_token_embeddings."""
+
+    def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
+        copy_toy_model()(tmp, toy, pkg, make_config)
+        architecture = AutoConfig.from_pretrained(tmp / "model").architectures[0]
+        model = getattr(transformers, architecture).from_pretrained(tmp / "model")
+        model.resize_token_embeddings(rows)
+        model.save_pretrained(tmp / "model")
+
+    return prepare
 
 
 def set_by_the_task(setting: str) -> "Mistake":

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from datasets import DatasetDict
@@ -176,6 +178,32 @@ def embedding_rows(model) -> int | None:
     except (AttributeError, NotImplementedError):  # no get_input_embeddings, or none the model can name
         return None
     return None if weight is None else weight.shape[0]
+
+
+def refuse_ids_past_the_model(task: Task, model, splits: dict, name_or_path: str | None) -> None:
+    """Refuse data with token ids that the model's embedding table has no row for, or labels past its outputs, in
+    any of `splits`: the first batch that holds one fails deep in the model (an index error; on a GPU, a device
+    assert), hours into a run maybe. The preflight check `inputs` sees a few batches; this reads every example."""
+    limits = {
+        "input_ids": (embedding_rows(model), "rows in its embedding table"),
+        "labels": (task.num_outputs(model), "outputs"),
+    }
+    for split_name, split in splits.items():
+        for column, (limit, what) in limits.items():
+            if limit is None or column not in split.column_names:
+                continue
+            values = split.with_format("arrow")[column]
+            while isinstance(values.type, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
+                values = pc.list_flatten(values)
+            extremes = pc.min_max(pc.filter(values, pc.not_equal(values, IGNORE_INDEX)))
+            low, high = extremes["min"].as_py(), extremes["max"].as_py()
+            if high is not None and (low < 0 or high >= limit):
+                raise ConfigError(
+                    f"the {split_name} split holds {column} from {low} to {high}, and the model "
+                    f"(model.name_or_path={name_or_path}) has {limit} {what}: its tokenizer is not the one it was "
+                    "trained with, or gained tokens without model.resize_token_embeddings(len(tokenizer)); save the "
+                    "model and its tokenizer together"
+                )
 
 
 def logits_of(output) -> torch.Tensor:
