@@ -124,9 +124,10 @@ class DataConfig:
     # A hub dataset id for datasets.load_dataset, or a built-in dataset of the task (its `builtin_datasets`).
     name: str | None = None
     subset: str | None = None
-    # Local files per split, e.g. {train: train.csv, validation: val.csv}; csv, json(l), parquet or txt (a paragraph
-    # per row, in a column "text"); or image folders (<folder>/<label>/<image files>, datasets' imagefolder). Empty,
-    # not null, when unused: OmegaConf cannot merge `data.files={train: ...}` into a null.
+    # Local files per split, e.g. {train: train.csv, validation: val.csv}, or patterns ({train: "train-*.parquet"});
+    # csv, tsv, json(l), parquet or txt (a paragraph per row, in a column "text"); or image folders
+    # (<folder>/<label>/<image files>, datasets' imagefolder). Empty, not null, when unused: OmegaConf cannot merge
+    # `data.files={train: ...}` into a null.
     files: dict[str, str] | None = field(default_factory=dict)
     train_split: str = "train"
     # The split to validate on; null, or a dataset with no split but train_split: hold out eval_fraction of train.

@@ -1,6 +1,7 @@
 """Loading what every task shares: local files, a hub dataset or a task's built-in one; the train/validation
 split; the dataloaders. What the examples hold (columns, tokens, pixels) is the task's business."""
 
+import glob
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from datasets.utils import logging as datasets_logging
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -49,6 +50,39 @@ def load_file(split: str, path: Path) -> Dataset:
         datasets_logging.set_verbosity(verbosity)
 
 
+def matching(split: str, path: Path, is_train: bool) -> list:
+    """The files of data.files.<split>: the file or folder itself, or the files that a pattern matches (shards such
+    as train-*.parquet, or data/**/*.csv), in name order."""
+    leave_out = "" if is_train else f" (or leave the split out: ~data.files.{split})"
+    if not any(character in str(path) for character in "*?["):
+        if not path.exists():
+            raise DataError(f"data.files.{split}: no such file or folder: {path}{leave_out}")
+        return [path]
+    found = sorted(Path(name) for name in glob.glob(str(path), recursive=True) if Path(name).is_file())
+    if not found:
+        raise DataError(f"data.files.{split}={path}: no file matches the pattern{leave_out}")
+    return found
+
+
+def load_files(split: str, pattern: Path, paths: list) -> Dataset:
+    """The files of one split (`paths`, which `pattern` matched) as one dataset, read file by file so that a
+    message names the file that is wrong."""
+    parts = [load_file(split, path) for path in paths]
+    for path, part in zip(paths[1:], parts[1:]):
+        if part.features != parts[0].features:
+            raise DataError(
+                f"data.files.{split}={pattern}: its files differ in columns or types: {paths[0].name} has "
+                f"{_columns(parts[0])}, {path.name} has {_columns(part)}"
+            )
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _columns(dataset: Dataset) -> dict:
+    """Column name -> type: string, int64, ... (Arrow's large_string is a string too)."""
+    features = dataset.features.items()
+    return {name: str(getattr(feature, "dtype", feature)).removeprefix("large_") for name, feature in features}
+
+
 def _file_problem(path: Path, file_format: str, error: Exception) -> str:
     if not path.is_file():  # gone since load_raw looked
         return "no such file"
@@ -76,10 +110,7 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
     records where it came from (`source`), for messages about its rows."""
     if cfg.files:
         files = {split: Path(path).expanduser() for split, path in cfg.files.items()}
-        for split, path in files.items():
-            if not path.exists():
-                leave_out = "" if split == cfg.train_split else f" (or leave the split out: ~data.files.{split})"
-                raise DataError(f"data.files.{split}: no such file or folder: {path}{leave_out}")
+        matched = {split: matching(split, path, split == cfg.train_split) for split, path in files.items()}
         if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
             # Labels from class subfolders, also where there is one class only (datasets would drop the column, and
             # the task would report a missing column, not a single class); not with a metadata file of labels.
@@ -89,14 +120,26 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
             patterns = {split: str(path / "**") for split, path in files.items()}
             raw = load_dataset("imagefolder", data_files=patterns, drop_labels=False if by_class else None)
         else:
-            types = {file_type(path) for path in files.values()}
+            for split, path in files.items():
+                if path.is_dir():
+                    data_files = sorted(p for p in path.iterdir() if file_type(p) in FILE_FORMATS)
+                    extension = "".join(data_files[0].suffixes) if data_files else ".csv"
+                    raise DataError(
+                        f"data.files.{split}={path} is a folder, and the other splits are files: image folders need "
+                        f"every split to be one; a folder of data files needs a pattern: data.files.{split}={path}/*"
+                        f"{extension}"
+                    )
+            types = {file_type(path) for paths in matched.values() for path in paths}
             if len(types) != 1 or next(iter(types)) not in FILE_FORMATS:
                 raise DataError(
                     f"data.files must all have one of the extensions {sorted(FILE_FORMATS)} (also compressed: "
                     f"{', '.join(COMPRESSIONS)}), or all be image folders; got {sorted(types)}"
                 )
-            raw = DatasetDict({split: load_file(split, path) for split, path in files.items()})
+            raw = DatasetDict({split: load_files(split, files[split], paths) for split, paths in matched.items()})
         sources = {split: f"data.files.{split}={path}" for split, path in files.items()}
+        for split, paths in matched.items():
+            if len(paths) > 1:
+                sources[split] += f" ({len(paths)} files, rows counted on from one to the next)"
     else:
         raw = builtin[cfg.name]() if cfg.name in builtin else load_hub_dataset(cfg, builtin)
         sources = {split: f"split {split} of data.name={cfg.name}" for split in raw}
