@@ -1,8 +1,10 @@
 """Bad config values fail before any compute: the key, the bad value and what is allowed are named."""
 
+import shutil
+
 import pytest
 import torch
-from conftest import run_in_process
+from conftest import PROJECT_ROOT, run_in_process
 
 
 @pytest.mark.parametrize(
@@ -81,3 +83,40 @@ def test_command_line_rejects_bad_value_and_writes_no_run_folder(tmp_path, overr
     assert code != 0
     assert expected in output and "Traceback" not in output
     assert not run_dir.exists()
+
+
+# A config file as an edit can leave it -> what the message says after the file's name.
+BROKEN_YAML = {
+    "a bracket left open": (
+        "trainer:\n  max_steps: [1, 2\n",
+        "is not valid YAML (line 4, column 1): ",  # PyYAML's words for it differ with libyaml
+    ),
+    "a line indented too far": (
+        "trainer:\n  max_steps: 2\n   log_every_n_steps: 1\n",
+        "is not valid YAML (line 4, ",
+    ),
+    "a tab for indentation": (
+        "trainer:\n\tmax_steps: 2\n",
+        "is not valid YAML (line 3, column 1): ",
+    ),
+    "a key given twice": (
+        "optimizer:\n  lr: 1e-3\n  lr: 2e-3\n",
+        "gives the key 'lr' twice (line 4, column 3): keep one",
+    ),
+}
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "sweep.py", "rank_check.py"])
+@pytest.mark.parametrize("edit", sorted(BROKEN_YAML))
+def test_a_config_file_that_is_not_valid_yaml_is_named_with_its_line(script, edit, tmp_path, capsys):
+    """In a copy of the project whose experiment file was edited: each command names the file and the line, where
+    Hydra (or PyYAML) would print a traceback."""
+    shutil.copytree(PROJECT_ROOT / "configs", tmp_path / "configs")
+    shutil.copy(PROJECT_ROOT / script, tmp_path)
+    text, message = BROKEN_YAML[edit]
+    (tmp_path / "configs" / "experiment" / "edited.yaml").write_text("# @package _global_\n" + text)
+    code, output = run_in_process(str(tmp_path / script), ["experiment=edited"], capsys)
+    assert code == 1 and f"{tmp_path / 'configs' / 'experiment' / 'edited.yaml'} {message}" in output, output
+    assert "Traceback" not in output
+    if "\t" in text:
+        assert "(a tab: YAML indents with spaces)" in output

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from . import launch, run_folder
-from .config import ConfigError, compose_train
+from .config import ConfigError, compose_train, yaml_mistake
 from .errors import UserError, reported
 from .records import to_json
 from .report import shown, table
@@ -82,10 +82,7 @@ def read_plan(path: Path, hypotheses: list, budgets: dict, common: list) -> Plan
     try:
         plan = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(error, "problem", None) or error
-        raise ConfigError(f"--plan {path} is not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"--plan {path} is not valid YAML{yaml_mistake(error)}") from None
     keys = ("hypotheses", "common", *BUDGETS)
     if not isinstance(plan, dict):
         raise ConfigError(f"--plan {path} holds a {type(plan).__name__}; a plan is a mapping of the keys {list(keys)}")
