@@ -274,12 +274,7 @@ def refuse_other_architecture(config: PretrainedConfig, auto_class, source: str)
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model. A local folder without tokenizer files is refused: transformers would
     quietly build one that maps every text to unknown tokens."""
-    folder = model_folder(name_or_path)
-    if folder is not None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(
-            f"model.name_or_path={name_or_path} has no tokenizer files (one of {list(TOKENIZER_FILES)}): save the "
-            "tokenizer into the model folder (tokenizer.save_pretrained(folder))"
-        )
+    refuse_without(name_or_path, TOKENIZER_FILES, "tokenizer")
     tokenizer = load_processor(AutoTokenizer, name_or_path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Decoder-only models (GPT-2, Llama, Qwen, ...) ship without a padding token, and batches need one. The end
@@ -298,6 +293,17 @@ def load_config(name_or_path: str) -> PretrainedConfig:
             f"(weights of your own module, {WEIGHTS_FILE}, load with model._target_ set to its class)"
         )
     return load_processor(AutoConfig, name_or_path)
+
+
+def refuse_without(name_or_path: str, files: tuple, processor: str) -> None:
+    """A local model folder without any of `files`, the `processor` (tokenizer, image_processor) saved with the model:
+    each model was trained on inputs prepared its own way, and no default would prepare them the same."""
+    folder = model_folder(name_or_path)
+    if folder is not None and not any((folder / name).is_file() for name in files):
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} has no {processor.replace('_', ' ')} files (one of {list(files)}): "
+            f"save the one the model was trained with into the model folder ({processor}.save_pretrained(folder))"
+        )
 
 
 def load_processor(auto_class, name_or_path: str):
