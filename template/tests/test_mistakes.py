@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.commands import accelerate_cli
 from conftest import CHECKS_ON, PACKAGE, TASKS, ForkedScript, run_in_process
 from mistakes import TOY, Mistake, copy_toy_model, train_script_first, write
@@ -281,6 +282,23 @@ SAVED_MODEL_ROWS = [
         prepare=copy_toy_model(cut_short="model.safetensors"),
     ),
 ]
+
+
+class ForwardOfOtherNames(torch.nn.Module):
+    """Your own module whose forward names its input `x`, where each task passes input_ids or pixel_values. It takes
+    whatever the task and the toy's model config give __init__, and has the generate() that seq2seq asks for."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.scale
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, num_beams, do_sample):
+        return input_ids
+
+
 # A model from scratch of a kind no task here has a class for (each task names its own Auto class), or with a key its
 # architecture does not have, for every task.
 SCRATCH_MODEL_ROWS = [
@@ -293,6 +311,11 @@ SCRATCH_MODEL_ROWS = [
         "misspelt key of an architecture from scratch",
         [TOY, "model.name_or_path=null", "+model.config.hiden_size=8"],
         "model.config.hiden_size (did you mean hidden_size",
+    ),
+    Mistake(  # it failed at the first step, with a TypeError from the loop
+        "own module whose forward names its inputs otherwise",
+        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardOfOtherNames"],
+        "model._target_=test_mistakes.ForwardOfOtherNames: its forward(x) cannot take what the task passes",
     ),
 ]
 for task in TASKS:

@@ -39,7 +39,7 @@ from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, r
 from .modeling import refuse_other_labels, refuse_untrained
 from .optim import build_optimizer, build_scheduler
 from .records import METRICS_FILE, to_json
-from .tasks.base import Task, refuse_ids_past_the_model
+from .tasks.base import Task, refuse_what_the_model_cannot_take
 
 logger = get_logger(__name__)
 
@@ -304,7 +304,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     train_dl, eval_dl = make_dataloaders(datasets, cfg.data, task.collate, seed)
     set_seed(seed, deterministic=trainer.deterministic)
     model = task.build_model(cfg.model)
-    refuse_ids_past_the_model(task, model, datasets, cfg.model.name_or_path)
+    refuse_what_the_model_cannot_take(task, model, datasets, cfg.model)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, trainer.max_steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
@@ -502,7 +502,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.split not in datasets:
         raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
     model = task.build_model(cfg.model)
-    refuse_ids_past_the_model(task, model, {cfg.split: datasets[cfg.split]}, cfg.model.name_or_path)
+    refuse_what_the_model_cannot_take(task, model, {cfg.split: datasets[cfg.split]}, cfg.model)
     if checkpoint is None:
         refuse_untrained(model, cfg.model.name_or_path, task.labels)  # the saved weights, not a head rebuilt anew
     else:

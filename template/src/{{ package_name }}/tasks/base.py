@@ -9,6 +9,7 @@ config (config.build_task). Methods run in this order: `load`, `build_model`, th
 `evaluate_batch`, `compute_metrics` and `samples` as the loop needs them.
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -65,9 +66,13 @@ class Task:
 
     # Scoring ---------------------------------------------------------------------------------------------
 
+    def model_inputs(self, batch: dict) -> dict:
+        """The keyword arguments of the model's forward for `batch`: all but the labels."""
+        return {name: value for name, value in batch.items() if name != "labels"}
+
     def logits(self, model, batch: dict) -> torch.Tensor:
         """The model's output scores for `batch`, aligned with batch["labels"] ([..., classes or vocabulary])."""
-        return logits_of(model(**{name: value for name, value in batch.items() if name != "labels"}))
+        return logits_of(model(**self.model_inputs(batch)))
 
     def labelled(self, batch: dict) -> torch.Tensor:
         """How many labelled items (examples or tokens) the batch holds: the loss is a sum over these."""
@@ -180,7 +185,23 @@ def embedding_rows(model) -> int | None:
     return None if weight is None else weight.shape[0]
 
 
-def refuse_ids_past_the_model(task: Task, model, splits: dict, name_or_path: str | None) -> None:
+def refuse_what_the_model_cannot_take(task: Task, model, splits: dict, model_config: DictConfig) -> None:
+    """Before the first step (of training or evaluation): the model's forward must take the inputs the task passes,
+    and its tables every id of `splits`. Either failed at the first batch that showed it, with a traceback."""
+    example = next(iter(splits.values()))[0]
+    inputs = task.model_inputs(task.collate([example]))
+    try:
+        inspect.signature(model.forward).bind(**inputs)
+    except TypeError as error:
+        named = f"model._target_={model_config._target_}" if model_config._target_ else "the model"
+        raise ConfigError(
+            f"{named}: its forward{inspect.signature(model.forward)} cannot take what the task passes, the keyword "
+            f"arguments {list(inputs)} ({error}): take them by these names (**kwargs takes those it does not use)"
+        ) from None
+    _refuse_ids_past_the_model(task, model, splits, model_config.name_or_path)
+
+
+def _refuse_ids_past_the_model(task: Task, model, splits: dict, name_or_path: str | None) -> None:
     """Refuse data with token ids that the model's embedding table has no row for, or labels past its outputs, in
     any of `splits`: the first batch that holds one fails deep in the model (an index error; on a GPU, a device
     assert), hours into a run maybe. The preflight check `inputs` sees a few batches; this reads every example."""
