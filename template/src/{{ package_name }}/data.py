@@ -121,13 +121,12 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
             raw = load_dataset("imagefolder", data_files=patterns, drop_labels=False if by_class else None)
         else:
             for split, path in files.items():
-                if path.is_dir():
-                    data_files = sorted(p for p in path.iterdir() if file_type(p) in FILE_FORMATS)
-                    extension = "".join(data_files[0].suffixes) if data_files else ".csv"
+                data_files = sorted(p for p in path.iterdir() if file_type(p) in FILE_FORMATS) if path.is_dir() else []
+                if data_files:
                     raise DataError(
-                        f"data.files.{split}={path} is a folder, and the other splits are files: image folders need "
-                        f"every split to be one; a folder of data files needs a pattern: data.files.{split}={path}/*"
-                        f"{extension}"
+                        f"data.files.{split}={path} is a folder of data files: give a pattern, data.files.{split}="
+                        f"{path}/*{''.join(data_files[0].suffixes)} (a folder is an image folder, and then every split "
+                        "must be one)"
                     )
             types = {file_type(path) for paths in matched.values() for path in paths}
             if len(types) != 1 or next(iter(types)) not in FILE_FORMATS:
