@@ -188,13 +188,38 @@ def test_resume_keeps_what_the_checkpoint_trained_on_and_lets_the_rest_change(pk
     assert changes("data.batch_size=4", "trainer.seed=2") == ["data.batch_size: 8 -> 4", "trainer.seed: 1 -> 2"]
     assert changes("data.batch_size=4", allowed=["data.batch_size"]) == []
     assert changes(num_processes=2) == ["num_processes: 1 -> 2"]
-    assert changes("optimizer.lr=0.5") == ["optimizer.lr: 0.1 -> 0.5"]  # the optimizer's saved state would win
+    assert changes("optimizer.lr=0.5") == ["optimizer.lr: 0.1 -> 0.5"]  # it changes the run: only on purpose
     assert changes("+model.config.foo=4", allowed=["model"]) == []
     assert changes("+model.config.foo=4") == ["model.config.foo: (unset) -> 4"]
     empty, one_key = {"model": {"config": {}}}, {"model": {"config": {"foo": 4}}}
     assert pkg.run_folder.resume_problems(empty, one_key) == ["model.config.foo: (unset) -> 4"]
     # A decaying schedule is laid out over trainer.max_steps: a new length would make its learning rate jump.
     assert changes("trainer.max_steps=99999", schedule="linear") == ["trainer.max_steps: 100 -> 99999"]
+
+
+# An optimizer setting that a resume changes on purpose -> what the optimizer's param groups must then hold, and the
+# kind of state it keeps per parameter.
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}
+OPTIMIZER_CHANGES = {
+    "optimizer.lr=1e-4": ({"lr": 1e-4}, ADAMW_STATE),  # the schedule is constant: the config's lr from now on
+    "optimizer.weight_decay=0.5": ({"weight_decay": 0.5}, ADAMW_STATE),  # the group of matrices
+    "optimizer.beta2=0.9": ({"betas": (0.9, 0.9)}, ADAMW_STATE),
+    "optimizer=sgd": ({"momentum": 0.9}, {"momentum_buffer"}),  # another kind: adamw's moments are not its own
+}
+
+
+@pytest.mark.parametrize("change", sorted(OPTIMIZER_CHANGES))
+def test_an_optimizer_change_that_resume_allow_accepts_takes_effect(pkg, make_config, checkpointed, change, tmp_path):
+    pkg.loop.train(make_config(*checkpointed), tmp_path / "run")
+    resume = [f"resume={tmp_path / 'run' / 'checkpoints' / STEP.format(5)}", "resume_allow=[optimizer]"]
+    pkg.loop.train(make_config(*checkpointed, "trainer.log_every_n_steps=1", change, *resume), tmp_path / "resumed")
+    optimizer = torch.load(tmp_path / "resumed" / "checkpoints" / STEP.format(10) / "optimizer.bin", weights_only=True)
+    (decayed, *_), settings, state = optimizer["param_groups"], *OPTIMIZER_CHANGES[change]
+    assert {key: decayed[key] for key in settings} == settings
+    assert {key for parameter in optimizer["state"].values() for key in parameter} == state
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    rates = {line["train/lr"] for line in logged if "train/lr" in line}
+    assert rates == {decayed["lr"]}, rates  # every step after the resume, not only in the saved state
 
 
 def test_train_refuses_a_folder_of_another_run_and_a_resume_that_changes_the_run(

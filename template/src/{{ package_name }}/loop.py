@@ -37,7 +37,7 @@ from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
 from .modeling import refuse_other_labels, refuse_untrained
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, keep_configured_settings
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task, refuse_what_the_model_cannot_take
 
@@ -317,8 +317,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     train_data = {"examples": len(datasets["train"]), "fingerprint": datasets["train"]._fingerprint}
     state = new_state(seed, train_data)
     if resume_from is not None:
+        configured = optimizer.state_dict()  # the config's settings, which the checkpoint's replace as it loads
         with checkpoints.fitting(resume_from):  # resolve_resume verified it: hashing a large checkpoint once is enough
             state = checkpoints.load(accelerator, resume_from, verified=True)
+        keep_configured_settings(optimizer, scheduler, configured)
         run_folder.check_same_data(resume_from, state.get("train_data"), train_data, cfg.resume_allow)
         logger.info(f"resumed from {resume_from} at step {state['step']}", main_process_only=True)
     stopping = EarlyStopping.from_config(cfg, task)

@@ -32,3 +32,21 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, max_steps
             "never reaches optimizer.lr (lower scheduler.warmup_steps, or scheduler=constant)",
         )
     return get_scheduler(cfg.name.value, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
+
+
+def keep_configured_settings(optimizer, scheduler, configured: dict) -> None:
+    """After a resume, the config's optimizer settings over the checkpoint's (`configured`: the optimizer's
+    state_dict before the checkpoint loaded). A checkpoint brings its run's param groups (lr, weight decay, betas,
+    momentum, ...) and the schedule's base learning rates, which silently undid a change that resume_allow accepted
+    (optimizer.lr=1e-4 to go on more slowly, say); settings that did not change are set to what they were. Another
+    kind of optimizer (sgd after adamw) starts from a state of its own: the saved one is of no use to it."""
+    saved = optimizer.state_dict()["param_groups"]
+    if [sorted(group) for group in saved] != [sorted(group) for group in configured["param_groups"]]:
+        optimizer.load_state_dict(configured)
+    for group, settings in zip(optimizer.param_groups, configured["param_groups"]):
+        group.update({key: value for key, value in settings.items() if key not in ("params", "lr")})
+    schedule = getattr(scheduler, "scheduler", scheduler)  # the LambdaLR inside Accelerate's wrapper
+    schedule.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base_lr, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base_lr * factor(schedule.last_epoch)  # what the schedule gives at this step
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
