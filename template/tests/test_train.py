@@ -2,11 +2,12 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
 import yaml
-from conftest import run_in_process
+from conftest import run_in_process, toy_model
 from safetensors.torch import load_file
 
 
@@ -67,3 +68,25 @@ def test_missing_data_file_names_the_key(pkg, make_config, toy_overrides, tmp_pa
     missing = tmp_path / "missing.csv"
     with pytest.raises(pkg.data.DataError, match="data.files.train: no such file"):
         pkg.loop.train(make_config(*toy_overrides, f"data.files.train='{missing}'"), tmp_path / "run")
+
+
+def test_relative_paths_are_read_from_where_the_command_ran_also_with_hydra_job_chdir(
+    toy_overrides, tmp_path, monkeypatch, capsys
+):
+    """hydra.job.chdir=true starts the run inside its run folder: the data, model, resume and checkpoint paths that
+    were given relative to where the command ran must still be found (they were "no such file")."""
+    toy = toy_model(toy_overrides).parent  # the toy's model folder and data files
+    monkeypatch.chdir(toy)
+    relative = [override.replace(f"{toy}/", "") for override in toy_overrides]
+    assert relative != toy_overrides
+    run = os.path.relpath(tmp_path / "run", toy)  # ../../<this test's folder>/run
+    common = [*relative, "hydra.job.chdir=true", "trainer.max_steps=4", "checkpoint.every_n_steps=2"]
+    for script, args in [
+        ("train.py", [f"hydra.run.dir={run}"]),
+        ("train.py", [f"resume={run}/checkpoints/step_00000002", f"hydra.run.dir={tmp_path / 'resumed'}"]),
+        ("evaluate.py", [f"checkpoint_path={run}/checkpoints/step_00000004", f"hydra.run.dir={tmp_path / 'scored'}"]),
+    ]:
+        code, output = run_in_process(script, [*common, *args], capsys)
+        assert code == 0, output[-3000:]
+    trained, resumed = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("run", "resumed"))
+    assert all(torch.equal(trained[name], resumed[name]) for name in trained)

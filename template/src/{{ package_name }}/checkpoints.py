@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from transformers.utils import logging as transformers_logging
 
-from .config import KeepPolicy, MetricMode
+from .config import KeepPolicy, MetricMode, user_path
 from .errors import UserError
 from .records import STATE_FILE, WEIGHTS_FILE, to_json
 
@@ -127,7 +127,7 @@ def resolve_resume(resume: str | None, folder: Path) -> Path | None:
     if resume is None:
         return None
     if resume != "latest":
-        path = Path(resume).expanduser()
+        path = user_path(resume)
         verify(path)
         return path
     for path in reversed(list_complete(folder)):

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from hydra.utils import get_class
+from hydra.utils import get_class, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -386,10 +386,16 @@ def _task_problems(cfg: DictConfig) -> list:
     return problems
 
 
+def user_path(value: str) -> Path:
+    """A path from the config: ~ expanded, and a relative one taken from the folder the command was run in (Hydra's
+    original working directory), also with hydra.job.chdir=true, which starts the run inside its run folder."""
+    return Path(to_absolute_path(str(Path(value).expanduser())))
+
+
 def model_folder(name_or_path: str) -> Path | None:
     """The local folder that `model.name_or_path` names, or None for a hub id. A path that is not there is refused
     here: transformers would take it for a hub id and fail with a repo id syntax or connection error."""
-    folder = Path(name_or_path).expanduser()
+    folder = user_path(name_or_path)
     if (folder / STATE_FILE).is_file():
         raise ConfigError(
             f"model.name_or_path={name_or_path} is a checkpoint, not a model folder: evaluate it with "
@@ -444,7 +450,7 @@ def validate(cfg: DictConfig) -> None:
             "evaluate.py evaluates a trained model: give model.name_or_path=<run folder>/model (what train.py "
             "exported, or a hub id with model=pretrained) or checkpoint_path=<run folder>/checkpoints/step_XXXXXXXX"
         )
-    if cfg.resume not in (None, "latest") and not Path(cfg.resume).expanduser().is_dir():
+    if cfg.resume not in (None, "latest") and not user_path(cfg.resume).is_dir():
         problems.append(
             f"resume={cfg.resume}: no such folder; give a checkpoint folder (<run folder>/checkpoints/step_XXXXXXXX) "
             "or resume=latest with hydra.run.dir=<run folder>"

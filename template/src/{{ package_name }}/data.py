@@ -14,6 +14,7 @@ from datasets.utils import logging as datasets_logging
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from .config import user_path
 from .errors import UserError
 
 # A file's extension -> the datasets builder that reads it, and that builder's options. Plain text: one row per
@@ -109,7 +110,7 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
     """The dataset of the `data` config: local files per split, a task's built-in dataset, or a hub id. Each split
     records where it came from (`source`), for messages about its rows."""
     if cfg.files:
-        files = {split: Path(path).expanduser() for split, path in cfg.files.items()}
+        files = {split: user_path(path) for split, path in cfg.files.items()}
         matched = {split: matching(split, path, split == cfg.train_split) for split, path in files.items()}
         if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
             # Labels from class subfolders, also where there is one class only (datasets would drop the column, and

@@ -31,6 +31,7 @@ from .config import (
     TrainerConfig,
     build_task,
     to_container,
+    user_path,
     validate,
 )
 from .data import make_dataloaders, make_eval_dataloader, training_subset
@@ -487,7 +488,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     """evaluate.py: the metrics and per-example predictions of a saved model on the split `cfg.split`, written into
     `run_dir` as metrics.json and predictions.jsonl. A checkpoint (`cfg.checkpoint_path`) brings the task and the
     model config of its run; its weights replace the model's."""
-    checkpoint = None if cfg.checkpoint_path is None else Path(cfg.checkpoint_path).expanduser()
+    checkpoint = None if cfg.checkpoint_path is None else user_path(cfg.checkpoint_path)
     if checkpoint is not None:
         if not checkpoint.is_dir():
             raise ConfigError(f"checkpoint_path={cfg.checkpoint_path}: no such folder")

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from .config import ConfigError, model_folder
+from .config import ConfigError, model_folder, user_path
 from .errors import warn
 from .records import WEIGHTS_FILE
 
@@ -34,14 +34,14 @@ def loading(name_or_path: str) -> Iterator[None]:
     try:
         yield
     except SafetensorError as error:
-        folder = Path(name_or_path).expanduser()
+        folder = user_path(name_or_path)
         bad = [str(path) for path in sorted(folder.glob("*.safetensors")) if not _readable(path)]
         raise ConfigError(
             f"model.name_or_path={name_or_path}: {', '.join(bad) or 'a weight file'} is truncated or corrupt "
             f"({error}); export or copy the model again"
         ) from None
     except OSError as error:  # a folder without config.json, a hub id that is not there or not reachable
-        elsewhere = "" if Path(name_or_path).expanduser().exists() else "no such folder here, and from the hub: "
+        elsewhere = "" if user_path(name_or_path).exists() else "no such folder here, and from the hub: "
         raise ConfigError(f"model.name_or_path={name_or_path}: {elsewhere}{error}") from None
 
 

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from . import checkpoints, launch
-from .config import ConfigError, to_container
+from .config import ConfigError, to_container, user_path
 from .errors import UserError, process_rank, warn
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _resumed_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume != "latest":
-        return Path(resume).expanduser()
+        return user_path(resume)
     found = checkpoints.list_complete(run_dir / "checkpoints")
     return found[-1] if found else None
 
