@@ -3,6 +3,7 @@ split; the dataloaders. What the examples hold (columns, tokens, pixels) is the 
 
 import glob
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from .config import user_path
-from .errors import UserError
+from .errors import UserError, warn
+
+logger = logging.getLogger(__name__)
 
 # A file's extension -> the datasets builder that reads it, and that builder's options. Plain text: one row per
 # paragraph (blank lines separate them) in a column "text", for the language-model tasks.
@@ -195,7 +198,9 @@ def require_columns(dataset: Dataset, columns: dict) -> None:
     present = dataset.column_names
     for key, column in columns.items():
         if column not in present:
-            raise DataError(f"{source(dataset)} has no column {column!r}; its columns are {present} (set {key})")
+            separator = next((s for s in ";\t|" if len(present) == 1 and s in present[0]), None)
+            hint = f"set {key}" if separator is None else f"one column: is it separated by {separator!r}, not commas?"
+            raise DataError(f"{source(dataset)} has no column {column!r}; its columns are {present} ({hint})")
         cells = dataset.with_format("arrow")[column]  # Arrow: nothing decoded (images, say)
         if cells.null_count:
             row = pc.index(pc.is_null(cells), True).as_py() + 1
@@ -295,6 +300,8 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
                 "labels must be names or whole numbers (is it a regression target?)"
             )
     feature = splits["train"].features[column]
+    if not isinstance(feature, ClassLabel):
+        _refuse_names_of_one_label(splits, column, key)
     if isinstance(feature, ClassLabel):
         seen = {name: set(split.unique(column)) for name, split in splits.items()}
         names = feature.names
@@ -327,6 +334,30 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
                 f"training split ({train}) never shows: {[names[i] for i in unseen]}"
             )
     return splits, names
+
+
+def _refuse_names_of_one_label(splits: DatasetDict, column: str, key: str) -> None:
+    """A label written two ways ('de' and 'de ') would be two classes, each with part of its examples: refused where
+    only spaces differ, a warning where only upper and lower case do ('DE' and 'de' may mean two things)."""
+    names = sorted({str(value) for split in splits.values() for value in split.unique(column)})
+    spaced = _written_two_ways(names, str.strip)
+    if spaced:
+        raise DataError(
+            f"labels in column {column!r} ({key}) differ only in spaces: {spaced[:3]}; each would be a class of its "
+            "own: write each label one way"
+        )
+    cased = _written_two_ways(names, str.casefold)
+    if cased:
+        named = f"labels in column {column!r} ({key})"
+        warn(logger, f"{named} differ only in upper and lower case: {cased[:3]}; each is a class of its own")
+
+
+def _written_two_ways(names: list, same) -> list:
+    """The groups of `names` that `same` maps to one value."""
+    groups = {}
+    for name in names:
+        groups.setdefault(same(name), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def _natural(name: str):
