@@ -124,6 +124,10 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
         (["sweep.seed=-1"], "sweep.seed=-1 is out of range: it must be >= 0"),
         (["trainer.eval_every_n_steps=0"], "sweep.pruner=median needs evaluations during training"),
         (["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"], "optimizer.lrr"),
+        (  # a group's options are files with keys of their own: not a value to set
+            ["+sweep.params.scheduler={type:categorical,choices:[linear,cosine]}"],
+            "sweep.params.scheduler names a config group, whose options are files: a sweep tries values of keys",
+        ),
     ],
 )
 def test_a_sweep_that_cannot_run_says_why_and_leaves_no_folder(overrides, message, tmp_path, capsys):

@@ -115,6 +115,12 @@ def trial_config(base: DictConfig, values: dict) -> DictConfig:
     """The base training config with a trial's values, validated like any run's config."""
     cfg = base.copy()
     for key, value in values.items():
+        if isinstance(OmegaConf.select(cfg, key), DictConfig):
+            raise ConfigError(
+                f"sweep.params.{key} names a config group, whose options are files: a sweep tries values of keys "
+                f"(sweep.params.{key}.<key>); compare the group's options with rank_check.py --hypothesis "
+                f'"{key}=<option>" --hypothesis ...'
+            )
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as error:
