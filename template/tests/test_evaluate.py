@@ -78,3 +78,15 @@ def test_a_model_folder_of_older_transformers_evaluates_like_its_safetensors_twi
         cfg = make_config(*toy_overrides, f"model.name_or_path='{folder}'", config_name="evaluate")
         results.append(pkg.loop.evaluate_saved(cfg, tmp_path / f"evaluated_{len(results)}")["metrics"])
     assert results[0] == results[1]
+
+
+def test_a_file_evaluates_alone_under_its_own_split_name(pkg, make_config, toy_overrides, tmp_path):
+    """A test file needs no training file beside it, and split= takes its own name (test, here)."""
+    pkg.loop.train(make_config(*toy_overrides), tmp_path / "run")
+    model = f"model.name_or_path='{tmp_path / 'run' / 'model'}'"
+    both = pkg.loop.evaluate_saved(make_config(*toy_overrides, model, config_name="evaluate"), tmp_path / "both")
+    validation = make_config(*toy_overrides).data.files.validation
+    files = ["~data.files.train", "~data.files.validation", f"+data.files.test='{validation}'"]
+    alone = make_config(*toy_overrides, model, *files, "split=test", config_name="evaluate")
+    result = pkg.loop.evaluate_saved(alone, tmp_path / "alone")
+    assert result["split"] == "test" and result["metrics"] == both["metrics"]

@@ -4,6 +4,7 @@ split; the dataloaders. What the examples hold (columns, tokens, pixels) is the 
 import glob
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -283,10 +284,12 @@ def make_eval_dataloader(dataset, cfg: DictConfig, collate) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.eval_batch_size, collate_fn=collate, num_workers=cfg.num_workers)
 
 
-def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
-    """Make `column` a ClassLabel in every split (string or number labels get ids in sorted order) and return
-    the label names. Refuses labels that the training split never shows, and a training split of one class:
-    both would train to a model that cannot be right (`key` is the config key that names the column)."""
+def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None = None) -> tuple:
+    """Make `column` a ClassLabel in every split and return the splits and the label names: `known`, the labels a
+    saved model was trained for (evaluate.py), which the data's are read by; else the data's own, in sorted order
+    (numbers in numeric order). Refuses labels outside `known`; for training, labels that the training split never
+    shows and a training split of one class, which would train a model that cannot be right (`key` is the config
+    key that names the column)."""
     for split in splits.values():
         if not isinstance(split.features[column], Value | ClassLabel):
             raise DataError(
@@ -302,24 +305,37 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
     feature = splits["train"].features[column]
     if not isinstance(feature, ClassLabel):
         _refuse_names_of_one_label(splits, column, key)
-    if isinstance(feature, ClassLabel):
+    if isinstance(feature, ClassLabel) and known in (None, feature.names):
         seen = {name: set(split.unique(column)) for name, split in splits.items()}
         names = feature.names
     else:
-        seen = {name: {str(value) for value in split.unique(column)} for name, split in splits.items()}
-        names = sorted(set().union(*seen.values()), key=_natural)
+        texts = {name: set(map(_as_text(split, column), split.unique(column))) for name, split in splits.items()}
+        names = known or sorted(set().union(*texts.values()), key=_natural)
+        for name, values in texts.items():
+            unknown = sorted(values - set(names), key=_natural)
+            if unknown:
+                raise DataError(
+                    f"{source(splits[name])}: the {name} split has labels in column {column!r} ({key}) that the model "
+                    f"was not trained for: {unknown[:10]}; it knows {names[:10]}"
+                )
         label = ClassLabel(names=names)
+
+        def by_name(text: Callable) -> Callable:
+            return lambda batch: {column: label.str2int(list(map(text, batch[column])))}
+
         splits = DatasetDict(
             {  # one pass over each split, a batch at a time
                 name: split.map(
-                    lambda batch: {column: label.str2int([str(value) for value in batch[column]])},
+                    by_name(_as_text(split, column)),
                     batched=True,
                     features=Features({**split.features, column: label}),
                 )
                 for name, split in splits.items()
             }
         )
-        seen = {name: {label.str2int(value) for value in values} for name, values in seen.items()}
+        seen = {name: {label.str2int(value) for value in values} for name, values in texts.items()}
+    if known is not None:  # evaluation: any of the model's labels may be missing from the data
+        return splits, names
     train = source(splits["train"])
     if len(seen["train"]) < 2:
         raise DataError(
@@ -334,6 +350,12 @@ def encode_labels(splits: DatasetDict, column: str, key: str) -> list:
                 f"training split ({train}) never shows: {[names[i] for i in unseen]}"
             )
     return splits, names
+
+
+def _as_text(split: Dataset, column: str) -> Callable:
+    """What gives a label's name: a class id's name where the column is a ClassLabel already, else str."""
+    feature = split.features[column]
+    return feature.int2str if isinstance(feature, ClassLabel) else str
 
 
 def _refuse_names_of_one_label(splits: DatasetDict, column: str, key: str) -> None:

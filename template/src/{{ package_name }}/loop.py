@@ -37,7 +37,7 @@ from .config import (
 from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
-from .modeling import refuse_other_labels, refuse_untrained
+from .modeling import refuse_other_labels, refuse_untrained, saved_labels
 from .optim import build_optimizer, build_scheduler, keep_configured_settings
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task, refuse_what_the_model_cannot_take
@@ -499,13 +499,21 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     validate(cfg)
     accelerator = make_accelerator(cfg.trainer, run_dir)
     set_seed(cfg.trainer.seed, deterministic=cfg.trainer.deterministic)
+    data = cfg.data
+    if data.files and cfg.split in data.files and data.train_split not in data.files:
+        with open_dict(cfg):  # a file to score alone: loading, which wants a training split, reads it as both
+            data.train_split = data.eval_split = cfg.split
     task = build_task(cfg.task)
+    # A classifier reads the data's labels by the names its model was trained for: a file may hold some of them.
+    task.labels = saved_labels(cfg.model.name_or_path) if checkpoint is None else record.get("labels")
     with accelerator.main_process_first():
         datasets = task.load(cfg.data, cfg.model, cfg.trainer.seed)
-    if cfg.split not in datasets:
+    # Loaded, data.train_split and data.eval_split are called train and validation (split=test may name either).
+    split = {data.train_split: "train", data.eval_split: "validation"}.get(cfg.split, cfg.split)
+    if split not in datasets:
         raise ConfigError(f"split={cfg.split} is not a split of this dataset; it has {list(datasets)}")
     model = task.build_model(cfg.model)
-    refuse_what_the_model_cannot_take(task, model, {cfg.split: datasets[cfg.split]}, cfg.model)
+    refuse_what_the_model_cannot_take(task, model, {split: datasets[split]}, cfg.model)
     if checkpoint is None:
         refuse_untrained(model, cfg.model.name_or_path, task.labels)  # the saved weights, not a head rebuilt anew
     else:
@@ -514,7 +522,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         # shared with the output layer, say), and load_model knows the others are the same tensor.
         with checkpoints.fitting(checkpoint):
             load_model(model, checkpoint / "model.safetensors")
-    model, dataloader = accelerator.prepare(model, make_eval_dataloader(datasets[cfg.split], cfg.data, task.collate))
+    model, dataloader = accelerator.prepare(model, make_eval_dataloader(datasets[split], cfg.data, task.collate))
     metrics, records = evaluate(task, model, dataloader, accelerator)
     source = str(checkpoint or cfg.model.name_or_path or cfg.model._target_ or cfg.model.model_type)
     result = {"split": cfg.split, "model": source, "metrics": metrics, "num_processes": accelerator.num_processes}

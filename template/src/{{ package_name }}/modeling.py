@@ -164,6 +164,15 @@ def refuse_other_labels(saved: list | None, labels: list | None, source: str) ->
         )
 
 
+def saved_labels(name_or_path: str | None) -> list | None:
+    """The label names a local model folder was trained for (None for a hub id, or where none were saved)."""
+    folder = None if name_or_path is None else model_folder(name_or_path)
+    if folder is None:
+        return None
+    config_file = folder / "config.json"  # none for your own module's export
+    return _label_names(folder, json.loads(config_file.read_text()) if config_file.is_file() else None)
+
+
 def _label_names(folder: Path, config: dict | None) -> list | None:
     """The label names saved with a model: its config.json's id2label (`config`; None where it holds only
     transformers' defaults), or for your own module's export (no config.json) its weight file's metadata."""
