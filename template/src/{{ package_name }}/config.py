@@ -502,8 +502,9 @@ def refuse_invalid_yaml(config_dir: Path) -> None:
             twice = _key_given_twice(yaml.compose(text, Loader=loader))
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
-            line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
-            tab = " (a tab: YAML indents with spaces)" if "\t" in line[: mark.column + 1] else ""
+            lines = text.splitlines()
+            line = lines[mark.line][: mark.column + 1] if mark and mark.line < len(lines) else ""
+            tab = " (a tab: YAML indents with spaces)" if "\t" in line else ""
             raise ConfigError(f"{path} is not valid YAML{yaml_mistake(error)}{tab}") from None
         if twice is not None:
             mark = twice.start_mark

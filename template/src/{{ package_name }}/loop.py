@@ -37,7 +37,7 @@ from .config import (
 from .data import make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
-from .modeling import refuse_other_labels, refuse_untrained, saved_labels
+from .modeling import refuse_untrained, saved_labels
 from .optim import build_optimizer, build_scheduler, keep_configured_settings
 from .records import METRICS_FILE, to_json
 from .tasks.base import Task, refuse_what_the_model_cannot_take
@@ -515,9 +515,8 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     model = task.build_model(cfg.model)
     refuse_what_the_model_cannot_take(task, model, {split: datasets[split]}, cfg.model)
     if checkpoint is None:
-        refuse_untrained(model, cfg.model.name_or_path, task.labels)  # the saved weights, not a head rebuilt anew
+        refuse_untrained(model, cfg.model.name_or_path)  # the saved weights, not a head rebuilt anew
     else:
-        refuse_other_labels(record.get("labels"), task.labels, f"checkpoint_path={cfg.checkpoint_path}")
         # load_model, not load_state_dict: the checkpoint holds one of each group of tied weights (an embedding
         # shared with the output layer, say), and load_model knows the others are the same tensor.
         with checkpoints.fitting(checkpoint):

@@ -107,12 +107,11 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     return module
 
 
-def refuse_untrained(model: torch.nn.Module, name_or_path: str, labels: list | None) -> None:
-    """evaluate.py scores the weights a folder holds, for the labels they were trained on. from_pretrained starts
-    anew, with a warning at most, any layer the folder has no fitting weights for: refuse a model built for this
-    data with layers of other sizes (a classifier's head for other labels: ignore_mismatched_sizes, what a fine-tune
-    wants), or with layers the folder lacks (a classifier's folder loaded as a language model); and data whose
-    `labels` (the task's) have other names than those saved, which would be scored by position."""
+def refuse_untrained(model: torch.nn.Module, name_or_path: str) -> None:
+    """evaluate.py scores the weights a folder holds. from_pretrained starts anew, with a warning at most, any layer
+    the folder has no fitting weights for: refuse a model built for this data with layers of other sizes (a
+    vocabulary of another size; ignore_mismatched_sizes, what a fine-tune wants), or with layers the folder lacks (a
+    classifier's folder loaded as a language model)."""
     folder = model_folder(name_or_path)
     if folder is None:  # a hub id: nothing here to compare with
         return
@@ -150,17 +149,6 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str, labels: list | N
         raise ConfigError(
             f"model.name_or_path={name_or_path} has no weights for {len(missing)} parameters of {built_kind} "
             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), which would score untrained; {why}"
-        )
-    refuse_other_labels(_label_names(folder, config), labels, f"model.name_or_path={name_or_path}")
-
-
-def refuse_other_labels(saved: list | None, labels: list | None, source: str) -> None:
-    """Labels of other names than those a model was trained for (`saved`; None where unknown) would be scored by
-    position."""
-    if saved and labels and saved != labels:
-        raise ConfigError(
-            f"{source} was trained for the labels {saved[:10]}, and this data has {labels[:10]}: give data with the "
-            "labels the model was trained on"
         )
 
 
