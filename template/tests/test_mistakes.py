@@ -299,6 +299,13 @@ class ForwardOfOtherNames(torch.nn.Module):
         return input_ids
 
 
+class ForwardThatFails(ForwardOfOtherNames):
+    """Your own module that takes the task's inputs and fails on them, as a layer of the wrong width would."""
+
+    def forward(self, **inputs):
+        return torch.nn.functional.linear(torch.ones(1, 5), torch.ones(2, 3))
+
+
 # A model from scratch of a kind no task here has a class for (each task names its own Auto class), or with a key its
 # architecture does not have, for every task.
 SCRATCH_MODEL_ROWS = [
@@ -316,6 +323,11 @@ SCRATCH_MODEL_ROWS = [
         "own module whose forward names its inputs otherwise",
         [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardOfOtherNames"],
         "model._target_=test_mistakes.ForwardOfOtherNames: its forward(x) cannot take what the task passes",
+    ),
+    Mistake(  # a shape that does not fit, say: it was a traceback from deep in the model
+        "own module that fails on the task's batches",
+        [TOY, CHECKS_ON, "model.name_or_path=null", "model._target_=test_mistakes.ForwardThatFails"],
+        "preflight check init_loss failed: the model raised RuntimeError on a batch of the task: mat1 and mat2",
     ),
 ]
 for task in TASKS:

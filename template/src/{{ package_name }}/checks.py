@@ -432,6 +432,15 @@ def run_preflight_checks(run, evaluate) -> None:
             logger.info(f"preflight {name}: off")
             continue
         begin = time.perf_counter()
-        summary = check()
+        try:
+            summary = check()
+        except UserError:
+            raise
+        except Exception as error:  # the model cannot run on the task's batches: a shape, size or dtype that differs
+            what = next(iter(str(error).strip().splitlines()), "")
+            raise PreflightError(
+                f"preflight check {name} failed: the model raised {type(error).__name__} on a batch of the task: "
+                f"{what} (HYDRA_FULL_ERROR=1 shows where)"
+            ) from error
         logger.info(f"preflight {name}: passed in {time.perf_counter() - begin:.2f}s ({summary})")
     logger.info(f"preflight checks passed in {time.perf_counter() - start:.2f}s")
