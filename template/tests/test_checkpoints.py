@@ -1,6 +1,7 @@
 """Checkpoints survive crashes and corruption; runs stop cleanly on early stopping or a bad loss."""
 
 import json
+import signal
 import time
 
 import pytest
@@ -256,6 +257,24 @@ def test_deterministic_mode_turns_on_deterministic_algorithms(pkg, make_config, 
         assert first["losses"] == second["losses"]
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_saying_where_it_stopped(pkg, checkpointed, tmp_path):
+    """A cluster's time limit or preemption sends SIGTERM (then SIGKILL): the run says where it stopped and what
+    resume=latest continues from, and exits with 143 (Python's default ended the process without a word)."""
+    run_dir = tmp_path / "terminated"
+    endless = [o for o in checkpointed if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100000"]
+    process = ForkedScript("train.py", [*endless, f"hydra.run.dir={run_dir}"], tmp_path / "terminated.out")
+    try:
+        deadline = time.monotonic() + 120
+        while not pkg.checkpoints.list_complete(run_dir / "checkpoints") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process._signal(signal.SIGTERM)
+        assert process.wait() == 143, process.tail()
+    finally:
+        process.kill()
+    assert "Error: terminated (SIGTERM) at step " in process.tail(), process.tail()
+    assert f"`resume=latest hydra.run.dir={run_dir}` would continue from " in process.tail()
 
 
 def test_run_killed_by_sigkill_resumes_losing_only_steps_since_its_last_checkpoint(

@@ -4,7 +4,9 @@ loss, Ctrl-C. Each is a UserError whose message says what was wrong, what is all
 
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,9 +21,39 @@ class UserError(Exception):
 
 
 class Interrupted(UserError):
-    """Ctrl-C (SIGINT), with where the run stopped and what a resume would continue from."""
+    """Ctrl-C (SIGINT) or SIGTERM, with where the run stopped and what a resume would continue from."""
 
     exit_code = 130  # what shells report for a process stopped by SIGINT
+
+    @classmethod
+    def of(cls, signal_error: KeyboardInterrupt, where: str = "") -> "Interrupted":
+        """The Interrupted of a KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM: exit status 143)."""
+        sigterm = isinstance(signal_error, Terminated)
+        stopped = cls(f"{'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'}{where}")
+        stopped.exit_code = 143 if sigterm else 130
+        return stopped
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit or preemption, scancel, kill) where the run is: Python's default would end
+    the process at once, without a word; this ends it as Ctrl-C does, with where it stopped."""
+
+
+@contextmanager
+def sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated in the main thread (signals are handled there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def process_rank() -> int:
@@ -44,7 +76,7 @@ def reported() -> Iterator[None]:
         yield
     except (UserError, KeyboardInterrupt) as error:
         if isinstance(error, KeyboardInterrupt):
-            error = Interrupted("interrupted (Ctrl-C)")
+            error = Interrupted.of(error)
         if process_rank() == 0:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()

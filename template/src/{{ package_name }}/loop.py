@@ -35,7 +35,7 @@ from .config import (
     validate,
 )
 from .data import make_dataloaders, make_eval_dataloader, training_subset
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, sigterm_stops_like_ctrl_c
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
 from .modeling import refuse_untrained, saved_labels
 from .optim import build_optimizer, build_scheduler, keep_configured_settings
@@ -450,17 +450,18 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
     return result
 
 
-def interrupted(run: Run) -> Interrupted:
-    """Ctrl-C: the step the run stopped at, and the checkpoint that `resume=latest` would continue from."""
+def interrupted(run: Run, error: KeyboardInterrupt) -> Interrupted:
+    """Ctrl-C or SIGTERM: the step the run stopped at, and the checkpoint that `resume=latest` would continue from."""
     saved = checkpoints.list_complete(run.run_dir / "checkpoints")
     resume = (
         f"`resume=latest hydra.run.dir={run.run_dir}` would continue from {saved[-1]}"
         if saved
         else "no checkpoint yet, so a rerun starts over (checkpoint.every_n_steps=N saves one every N steps)"
     )
-    return Interrupted(f"interrupted (Ctrl-C) at step {run.state['step']} of {run.cfg.trainer.max_steps}; {resume}")
+    return Interrupted.of(error, f" at step {run.state['step']} of {run.cfg.trainer.max_steps}; {resume}")
 
 
+@sigterm_stops_like_ctrl_c()  # a cluster's time limit or preemption: where the run stopped, as for Ctrl-C
 def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], None] | None = None) -> dict:
     """Train as the config says, writing checkpoints, logs and the exported model under `run_dir`. `on_evaluation`
     is called with (step, metrics) after each evaluation during training; an exception it raises ends the run
@@ -480,7 +481,7 @@ def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], N
         if run.accelerator.is_main_process and (run.run_dir / METRICS_FILE).exists():  # report.py shows what ended it
             append_stop(run.run_dir / METRICS_FILE, run.state["step"], error)
         if isinstance(error, KeyboardInterrupt):
-            raise interrupted(run) from None
+            raise interrupted(run, error) from None
         raise
 
 
