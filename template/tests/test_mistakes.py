@@ -286,7 +286,8 @@ SAVED_MODEL_ROWS = [
 
 class ForwardOfOtherNames(torch.nn.Module):
     """Your own module whose forward names its input `x`, where each task passes input_ids or pixel_values. It takes
-    whatever the task and the toy's model config give __init__, and has the generate() that seq2seq asks for."""
+    whatever the task and the toy's model config give __init__, and has the generate() that a task of texts out
+    asks for."""
 
     def __init__(self, **config):
         super().__init__()
