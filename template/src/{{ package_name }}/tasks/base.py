@@ -190,15 +190,24 @@ def refuse_what_the_model_cannot_take(task: Task, model, splits: dict, model_con
     and its tables every id of `splits`. Either failed at the first batch that showed it, with a traceback."""
     example = next(iter(splits.values()))[0]
     inputs = task.model_inputs(task.collate([example]))
-    try:
-        inspect.signature(model.forward).bind(**inputs)
-    except TypeError as error:
+    problem = call_problem(model.forward, inputs)
+    if problem is not None:
         named = f"model._target_={model_config._target_}" if model_config._target_ else "the model"
         raise ConfigError(
             f"{named}: its forward{inspect.signature(model.forward)} cannot take what the task passes, the keyword "
-            f"arguments {list(inputs)} ({error}): take them by these names (**kwargs takes those it does not use)"
-        ) from None
+            f"arguments {list(inputs)} ({problem}): take them by these names (**kwargs takes those it does not use)"
+        )
     _refuse_ids_past_the_model(task, model, splits, model_config.name_or_path)
+
+
+def call_problem(function, arguments: dict) -> str | None:
+    """Why `function` cannot be called with these keyword arguments (TypeError's words), or None where it can. A
+    function that is not there (None) cannot."""
+    try:
+        inspect.signature(function).bind(**arguments)
+    except (TypeError, ValueError) as error:  # ValueError: a callable without a signature
+        return str(error)
+    return None
 
 
 def _refuse_ids_past_the_model(task: Task, model, splits: dict, name_or_path: str | None) -> None:
