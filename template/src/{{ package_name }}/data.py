@@ -296,7 +296,9 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
                 f"{source(split)}: column {column!r} ({key}) holds {split.features[column]}, not one label per "
                 "example; class labels are names or whole numbers (several labels per example is not built in)"
             )
-        fractions = [v for v in split.unique(column) if isinstance(v, float) and not v.is_integer()][:3]
+    uniques = {name: split.unique(column) for name, split in splits.items()}  # one pass over each split
+    for name, split in splits.items():
+        fractions = [v for v in uniques[name] if isinstance(v, float) and not v.is_integer()][:3]
         if fractions:
             raise DataError(
                 f"{source(split)}: column {column!r} ({key}) holds numbers with fractions, e.g. {fractions}; class "
@@ -304,12 +306,12 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
             )
     feature = splits["train"].features[column]
     if not isinstance(feature, ClassLabel):
-        _refuse_names_of_one_label(splits, column, key)
+        _refuse_names_of_one_label(uniques, column, key)
     if isinstance(feature, ClassLabel) and known in (None, feature.names):
-        seen = {name: set(split.unique(column)) for name, split in splits.items()}
+        seen = {name: set(values) for name, values in uniques.items()}
         names = feature.names
     else:
-        texts = {name: set(map(_as_text(split, column), split.unique(column))) for name, split in splits.items()}
+        texts = {name: set(map(_as_text(splits[name], column), values)) for name, values in uniques.items()}
         names = known or sorted(set().union(*texts.values()), key=_natural)
         for name, values in texts.items():
             unknown = sorted(values - set(names), key=_natural)
@@ -358,10 +360,11 @@ def _as_text(split: Dataset, column: str) -> Callable:
     return feature.int2str if isinstance(feature, ClassLabel) else str
 
 
-def _refuse_names_of_one_label(splits: DatasetDict, column: str, key: str) -> None:
+def _refuse_names_of_one_label(uniques: dict, column: str, key: str) -> None:
     """A label written two ways ('de' and 'de ') would be two classes, each with part of its examples: refused where
-    only spaces differ, a warning where only upper and lower case do ('DE' and 'de' may mean two things)."""
-    names = sorted({str(value) for split in splits.values() for value in split.unique(column)})
+    only spaces differ, a warning where only upper and lower case do ('DE' and 'de' may mean two things). `uniques`:
+    split name -> the split's label values."""
+    names = sorted({str(value) for values in uniques.values() for value in values})
     spaced = _written_two_ways(names, str.strip)
     if spaced:
         raise DataError(

@@ -137,10 +137,10 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str) -> None:
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
     missing = [group[0] for group in names.values() if not saved.intersection(group)] if saved else []
-    config_file = folder / "config.json"  # None for your own module's export
-    config = json.loads(config_file.read_text()) if config_file.is_file() else None
     if missing:
-        kind, built_kind = ", ".join((config or {}).get("architectures") or []), type(model).__name__
+        config_file = folder / "config.json"  # none for your own module's export
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        kind, built_kind = ", ".join(config.get("architectures") or []), type(model).__name__
         why = (
             "its weight files lack them: export or copy the model again"
             if kind == built_kind
