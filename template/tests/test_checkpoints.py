@@ -26,6 +26,12 @@ def checkpointed(toy_overrides):
     return [*toy_overrides, "trainer.max_steps=12", "checkpoint.every_n_steps=5", "checkpoint.keep_count=5"]
 
 
+@pytest.fixture
+def endless(checkpointed):
+    """The checkpointed toy run, still training whenever a signal comes (trainer.max_steps last)."""
+    return [o for o in checkpointed if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100000"]
+
+
 def test_checkpoint_records_seed_versions_config_and_checksums(pkg, make_config, checkpointed, tmp_path):
     pkg.loop.train(make_config(*checkpointed, "trainer.seed=7"), tmp_path)
     record = pkg.checkpoints.verify(tmp_path / "checkpoints" / STEP.format(10))
@@ -259,11 +265,10 @@ def test_deterministic_mode_turns_on_deterministic_algorithms(pkg, make_config, 
         torch.use_deterministic_algorithms(False)
 
 
-def test_sigterm_ends_a_run_as_ctrl_c_does_saying_where_it_stopped(pkg, checkpointed, tmp_path):
+def test_sigterm_ends_a_run_as_ctrl_c_does_saying_where_it_stopped(pkg, endless, tmp_path):
     """A cluster's time limit or preemption sends SIGTERM (then SIGKILL): the run says where it stopped and what
     resume=latest continues from, and exits with 143 (Python's default ended the process without a word)."""
     run_dir = tmp_path / "terminated"
-    endless = [o for o in checkpointed if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100000"]
     process = ForkedScript("train.py", [*endless, f"hydra.run.dir={run_dir}"], tmp_path / "terminated.out")
     try:
         deadline = time.monotonic() + 120
@@ -278,10 +283,9 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_saying_where_it_stopped(pkg, checkpoi
 
 
 def test_run_killed_by_sigkill_resumes_losing_only_steps_since_its_last_checkpoint(
-    pkg, make_config, checkpointed, tmp_path
+    pkg, make_config, endless, tmp_path
 ):
     run_dir = tmp_path / "killed"
-    endless = [o for o in checkpointed if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100000"]
     torch.set_num_threads(1)  # the forked run's thread count here too: bit-equal arithmetic in both (reset after)
     process = ForkedScript("train.py", [*endless, f"hydra.run.dir={run_dir}"], tmp_path / "killed.out")
     try:
