@@ -282,9 +282,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_saying_where_it_stopped(pkg, endless,
     assert f"`resume=latest hydra.run.dir={run_dir}` would continue from " in process.tail()
 
 
-def test_run_killed_by_sigkill_resumes_losing_only_steps_since_its_last_checkpoint(
-    pkg, make_config, endless, tmp_path
-):
+def test_run_killed_by_sigkill_resumes_losing_only_steps_since_its_last_checkpoint(pkg, make_config, endless, tmp_path):
     run_dir = tmp_path / "killed"
     torch.set_num_threads(1)  # the forked run's thread count here too: bit-equal arithmetic in both (reset after)
     process = ForkedScript("train.py", [*endless, f"hydra.run.dir={run_dir}"], tmp_path / "killed.out")
