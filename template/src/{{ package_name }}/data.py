@@ -133,12 +133,14 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
                         f"{path}/*{''.join(data_files[0].suffixes)} (a folder is an image folder, and then every split "
                         "must be one)"
                     )
-            types = {file_type(path) for paths in matched.values() for path in paths}
-            if len(types) != 1 or next(iter(types)) not in FILE_FORMATS:
-                raise DataError(
-                    f"data.files must all have one of the extensions {sorted(FILE_FORMATS)} (also compressed: "
-                    f"{', '.join(COMPRESSIONS)}), or all be image folders; got {sorted(types)}"
-                )
+            for split, paths in matched.items():  # each file is read by its own format: train.csv, val.jsonl
+                unknown = [path for path in paths if file_type(path) not in FILE_FORMATS]
+                if unknown:
+                    raise DataError(
+                        f"data.files.{split}={unknown[0]}: a data file has one of the extensions "
+                        f"{sorted(FILE_FORMATS)} (also compressed: {', '.join(COMPRESSIONS)}); a split of images is "
+                        "a folder, and then every split must be one"
+                    )
             raw = DatasetDict({split: load_files(split, files[split], paths) for split, paths in matched.items()})
         sources = {split: f"data.files.{split}={path}" for split, path in files.items()}
         for split, paths in matched.items():
