@@ -7,6 +7,7 @@ with the key and the list of valid values. Numeric ranges are declared next to e
 
 import difflib
 import functools
+import importlib
 import operator
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -19,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from hydra.utils import get_class, to_absolute_path
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -352,10 +353,7 @@ def build_task(node: DictConfig) -> Any:
     target = node.get("_target_")
     if not target:
         raise ConfigError("task._target_ is not set: choose a task with task=<name> (the files in configs/task/)")
-    try:
-        task_class = get_class(target)
-    except Exception as error:  # Hydra wraps the ImportError
-        raise ConfigError(f"task._target_={target} cannot be imported: {error}") from None
+    task_class = import_target("task._target_", target)
     options = {key: value for key, value in node.items() if key != "_target_"}
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(task_class), options))
@@ -366,6 +364,32 @@ def build_task(node: DictConfig) -> Any:
         raise ConfigError(f"task.{error.key} is not an option of {task_class.__name__}: {hint}") from None
     except ValidationError as error:
         raise ConfigError(f"task.{error.key}: {str(error).splitlines()[0]}") from None
+
+
+def import_target(key: str, target: str) -> type:
+    """The class that the config key `key` names, "package.module.Class", or a ConfigError: a name that is not there,
+    or a module that imports a package not installed here. Any other error of the module's code is raised as it is:
+    its traceback is what you need to mend it."""
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name) if module_name else None
+    except ModuleNotFoundError as error:
+        if error.name is not None and not f"{module_name}.".startswith(f"{error.name}."):  # its own import
+            raise ConfigError(
+                f"{key}={target}: its module imports {error.name!r}, which is not installed here ({error})"
+            ) from None
+        module = None
+    if module is None:
+        raise ConfigError(
+            f"{key}={target}: no module {module_name or target!r} can be imported; give package.module.Class of a "
+            "module that Python finds (in src/, beside the command, or installed)"
+        )
+    if not isinstance(getattr(module, name, None), type):
+        classes = [attr for attr, value in vars(module).items() if isinstance(value, type)]
+        close = difflib.get_close_matches(name, classes, n=1)
+        hint = f"did you mean {module_name}.{close[0]}?" if close else f"its classes are {sorted(classes)}"
+        raise ConfigError(f"{key}={target}: module {module_name} has no class {name!r}; {hint}")
+    return getattr(module, name)
 
 
 def _task_problems(cfg: DictConfig) -> list:
@@ -425,11 +449,13 @@ def _model_problems(model: DictConfig) -> list:
             "model: set one of model._target_ (your own nn.Module), model.name_or_path (a hub id or a folder) "
             "and model.model_type (a transformers architecture from scratch), or pick one with model=<name>"
         ]
-    if model.name_or_path is not None:
-        try:
+    try:
+        if model._target_ is not None:
+            import_target("model._target_", model._target_)
+        if model.name_or_path is not None:
             model_folder(model.name_or_path)
-        except ConfigError as error:
-            return [str(error)]
+    except ConfigError as error:
+        return [str(error)]
     return []
 
 

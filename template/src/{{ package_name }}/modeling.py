@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from .config import ConfigError, model_folder, user_path
+from .config import ConfigError, import_target, model_folder, user_path
 from .errors import warn
 from .records import WEIGHTS_FILE
 
@@ -69,7 +68,7 @@ def refused_config(what: str) -> Iterator[None]:
 def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     """Your own module class, built with `model.config` as keyword arguments, plus those of `task_kwargs`
     (num_labels, vocab_size, ...) that its __init__ takes; its weights come from `model.name_or_path` if set."""
-    module_class = get_class(cfg._target_)
+    module_class = import_target("model._target_", cfg._target_)
     accepted = inspect.signature(module_class).parameters
     kwargs = {name: value for name, value in task_kwargs.items() if name in accepted}
     own = OmegaConf.to_container(cfg.config, resolve=True)
