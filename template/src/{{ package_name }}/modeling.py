@@ -39,9 +39,19 @@ def loading(name_or_path: str) -> Iterator[None]:
             f"model.name_or_path={name_or_path}: {', '.join(bad) or 'a weight file'} is truncated or corrupt "
             f"({error}); export or copy the model again"
         ) from None
+    except ImportError as error:  # a model class of an optional package (natten, timm, ...) not installed here
+        raise ConfigError(
+            f"model.name_or_path={name_or_path} needs a package that is not installed here: {in_short(error)}"
+        ) from None
     except OSError as error:  # a folder without config.json, a hub id that is not there or not reachable
         elsewhere = "" if user_path(name_or_path).exists() else "no such folder here, and from the hub: "
         raise ConfigError(f"model.name_or_path={name_or_path}: {elsewhere}{error}") from None
+
+
+def in_short(error: Exception, limit: int = 300) -> str:
+    """An error's message on one line, cut to `limit` characters (not every class transformers has)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _readable(path: Path) -> bool:
@@ -60,9 +70,10 @@ def refused_config(what: str) -> Iterator[None]:
         with warnings.catch_warnings():  # a size of 0: refuse_empty_layers says so, torch's init warning adds nothing
             warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
             yield
+    except ImportError as error:
+        raise ConfigError(f"{what} needs a package that is not installed here: {in_short(error)}") from None
     except (ValueError, TypeError, ZeroDivisionError, AssertionError, RuntimeError, StrictDataclassError) as error:
-        text = str(error) if len(str(error)) <= 300 else str(error)[:300] + " ..."  # not every class transformers has
-        raise ConfigError(f"model.config does not make {what}: {type(error).__name__}: {text}") from error
+        raise ConfigError(f"model.config does not make {what}: {type(error).__name__}: {in_short(error)}") from error
 
 
 def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
@@ -307,4 +318,10 @@ def load_processor(auto_class, name_or_path: str):
     same messages as the model's own loading."""
     folder = model_folder(name_or_path)
     with loading(name_or_path):
-        return auto_class.from_pretrained(str(folder or name_or_path))
+        try:
+            return auto_class.from_pretrained(str(folder or name_or_path))
+        except ValueError as error:  # a tokenizer that needs sentencepiece or tiktoken; a model type newer than here
+            raise ConfigError(
+                f"model.name_or_path={name_or_path}: its {auto_class.__name__.removeprefix('Auto')} cannot be read "
+                f"here: {in_short(error)}"
+            ) from None
