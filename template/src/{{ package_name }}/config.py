@@ -454,9 +454,24 @@ def _model_problems(model: DictConfig) -> list:
             import_target("model._target_", model._target_)
         if model.name_or_path is not None:
             model_folder(model.name_or_path)
+        elif model._target_ is None:
+            refuse_unknown_model_type(model.model_type)
     except ConfigError as error:
         return [str(error)]
     return []
+
+
+def refuse_unknown_model_type(model_type: str) -> None:
+    """model.model_type must name a transformers architecture (one this version knows, or one registered with it)."""
+    from transformers import CONFIG_MAPPING  # here: a command refused earlier never waits for transformers
+
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=3)
+        raise ConfigError(
+            f"model.model_type={model_type} is not an architecture of this transformers "
+            f"({'did you mean ' + ' or '.join(close) + '?' if close else 'its model types are in its docs'}); or "
+            "pick a model group, model=<name> (configs/model/)"
+        )
 
 
 def validate(cfg: DictConfig) -> None:
