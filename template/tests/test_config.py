@@ -1,5 +1,6 @@
 """Bad config values fail before any compute: the key, the bad value and what is allowed are named."""
 
+import re
 import shutil
 
 import pytest
@@ -60,6 +61,28 @@ def test_data_needs_exactly_one_source(pkg, make_config):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where there is a GPU")
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("mine.Net", "mine.Net: no module 'mine' can be imported"),
+        ("mine.models.Net", "no module 'mine.models' can be imported"),
+        ("Net", "no module 'Net' can be imported; give package.module.Class"),
+        ("needs_more.Net", "its module imports 'a_package_not_installed_here', which is not installed here"),
+        ("own.Nett", "module own has no class 'Nett'; did you mean own.Net?"),
+        ("own.torch", "module own has no class 'torch'; its classes are ['Net']"),  # a module, not a class
+        ("own.helper", "module own has no class 'helper'; its classes are ['Net']"),
+    ],
+)
+def test_a_target_that_cannot_be_imported_is_named_with_why(pkg, tmp_path, monkeypatch, target, message):
+    (tmp_path / "own.py").write_text("import torch\n\nclass Net(torch.nn.Module):\n    pass\n\ndef helper():\n    pass\n")
+    (tmp_path / "needs_more.py").write_text("import a_package_not_installed_here\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    with pytest.raises(pkg.config.ConfigError, match=re.escape(f"model._target_={target}: ")) as refused:
+        pkg.config.import_target("model._target_", target)
+    assert message in str(refused.value)
+    assert pkg.config.import_target("model._target_", "own.Net").__name__ == "Net"
+
+
 def test_fp16_without_gpu_fails_at_config_time(pkg, make_config):
     with pytest.raises(pkg.config.ConfigError, match="trainer.mixed_precision=fp16 needs a CUDA GPU"):
         pkg.config.validate(make_config("trainer.mixed_precision=fp16"))

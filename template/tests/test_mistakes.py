@@ -44,6 +44,27 @@ MISTAKES = [
         "scheduler.warmup_steps=100 is not below trainer.max_steps=2: the learning rate never reaches optimizer.lr",
         code=0,
     ),
+    # Your own module, or an architecture from scratch, that is not there: refused before any run folder.
+    Mistake(
+        "own module's class misspelt",
+        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardOfOtherName"],
+        "module test_mistakes has no class 'ForwardOfOtherName'; did you mean test_mistakes.ForwardOfOtherNames?",
+    ),
+    Mistake(
+        "own module's module that is not there",
+        [TOY, "model.name_or_path=null", "model._target_=models.mine.Net"],
+        "model._target_=models.mine.Net: no module 'models.mine' can be imported",
+    ),
+    Mistake(
+        "own module that needs a package not installed here",
+        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.BuiltWithAPackageNotInstalled"],
+        "needs a package that is not installed here: No module named 'a_package_not_installed_here'",
+    ),
+    Mistake(
+        "architecture misspelt",
+        [TOY, "model.name_or_path=null", "model.model_type=lama"],
+        "model.model_type=lama is not an architecture of this transformers (did you mean llama",
+    ),
     # Run folders, resume and non-finite losses
     Mistake(
         "fresh run into a run's folder",
@@ -298,6 +319,15 @@ class ForwardOfOtherNames(torch.nn.Module):
 
     def generate(self, input_ids, attention_mask, max_new_tokens, num_beams, do_sample):
         return input_ids
+
+
+class BuiltWithAPackageNotInstalled(ForwardOfOtherNames):
+    """Your own module that imports an optional package as it is built, one that is not installed here."""
+
+    def __init__(self, **config):
+        import a_package_not_installed_here  # noqa: F401
+
+        super().__init__(**config)
 
 
 class ForwardThatFails(ForwardOfOtherNames):
