@@ -74,7 +74,9 @@ def test_data_needs_exactly_one_source(pkg, make_config):
     ],
 )
 def test_a_target_that_cannot_be_imported_is_named_with_why(pkg, tmp_path, monkeypatch, target, message):
-    (tmp_path / "own.py").write_text("import torch\n\nclass Net(torch.nn.Module):\n    pass\n\ndef helper():\n    pass\n")
+    (tmp_path / "own.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n    pass\n\ndef helper():\n    pass\n"
+    )
     (tmp_path / "needs_more.py").write_text("import a_package_not_installed_here\n")
     monkeypatch.syspath_prepend(tmp_path)
     with pytest.raises(pkg.config.ConfigError, match=re.escape(f"model._target_={target}: ")) as refused:

@@ -385,7 +385,9 @@ def import_target(key: str, target: str) -> type:
             "module that Python finds (in src/, beside the command, or installed)"
         )
     if not isinstance(getattr(module, name, None), type):
-        classes = [attr for attr, value in vars(module).items() if isinstance(value, type) and value.__module__ == module_name]
+        classes = [
+            attr for attr, value in vars(module).items() if isinstance(value, type) and value.__module__ == module_name
+        ]
         close = difflib.get_close_matches(name, classes, n=1)
         hint = f"did you mean {module_name}.{close[0]}?" if close else f"its classes are {sorted(classes)}"
         raise ConfigError(f"{key}={target}: module {module_name} has no class {name!r}; {hint}")
