@@ -1,6 +1,7 @@
 """The mistakes table's row type and the helpers that prepare a row's folder; test_mistakes.py holds the rows every
 project has, and each task's test file (tests/test_task_<task>.py) the rows of its own, in `MISTAKES`."""
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -58,9 +59,11 @@ def write(files: dict) -> Callable:
     return prepare
 
 
-def copy_toy_model(keep: tuple | None = None, drop: tuple = (), cut_short: str | None = None) -> Callable:
+def copy_toy_model(
+    keep: tuple | None = None, drop: tuple = (), cut_short: str | None = None, model_type: str | None = None
+) -> Callable:
     """A `prepare` that copies the toy's saved model into {tmp}/model: only the files `keep` names (all if None)
-    but those `drop` names; then cuts the file `cut_short` to half its size."""
+    but those `drop` names; then cuts the file `cut_short` to half its size, or gives its config.json `model_type`."""
 
     def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
         source = toy_model(toy)
@@ -68,6 +71,9 @@ def copy_toy_model(keep: tuple | None = None, drop: tuple = (), cut_short: str |
         shutil.copytree(source, tmp / "model", ignore=lambda *_: left_out)
         if cut_short:
             truncate(tmp / "model" / cut_short)
+        if model_type:
+            config = json.loads((tmp / "model" / "config.json").read_text())
+            (tmp / "model" / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
 
     return prepare
 

@@ -60,6 +60,12 @@ MISTAKES = [
         [TOY, "model.name_or_path=null", "model._target_=test_mistakes.BuiltWithAPackageNotInstalled"],
         "needs a package that is not installed here: No module named 'a_package_not_installed_here'",
     ),
+    Mistake(  # saved by a later transformers, with an architecture this one does not have
+        "model of a model type unknown here",
+        [TOY, "model.name_or_path={tmp}/model"],
+        "cannot be read here: The checkpoint you are trying to load has model type `from_a_later_transformers`",
+        prepare=copy_toy_model(model_type="from_a_later_transformers"),
+    ),
     Mistake(
         "architecture misspelt",
         [TOY, "model.name_or_path=null", "model.model_type=lama"],
