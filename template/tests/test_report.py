@@ -129,6 +129,9 @@ def test_report_on_a_folder_without_runs_says_what_a_run_folder_is(tmp_path, cap
     (tmp_path / "metrics.json").write_text("{}")  # a run's file, given instead of its folder
     code, output = run_in_process("report.py", [str(tmp_path / "metrics.json")], capsys)
     assert code == 2 and "metrics.json: a file, not a folder of runs" in output
+    code, output = run_in_process("report.py", [str(tmp_path), "--out", str(tmp_path / "metrics.json")], capsys)
+    assert code == 2 and "metrics.json is a file; give a folder for report.csv" in output
+    assert (tmp_path / "metrics.json").read_text() == "{}"
 
 
 @pytest.mark.skipif(len(TASKS) < 2, reason="needs a project with two tasks or more")

@@ -172,6 +172,9 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("folders", nargs="+", metavar="RUN_OR_SWEEP_FOLDER")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where report.csv and curves.png go")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"report.py: --out {args.out} is a file; give a folder for report.csv and curves.png", file=sys.stderr)
+        return 2
     try:
         report(args.folders, args.out)
     except NoRunsError as error:
