@@ -121,6 +121,14 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
         (["sweep.params.optimizer.lr.low=-1"], "sweep.params.optimizer.lr: log: true needs low > 0"),
         (["sweep.params.optimizer.lr.log=false", "sweep.params.optimizer.lr.low=0"], "optimizer.lr=0.0 is out of"),
         (["sweep.sampler=grid"], "sweep.params.optimizer.lr: sampler=grid needs a step"),
+        # What Optuna refuses of a range, before any trial: it was a traceback from the first trial.
+        (["+sweep.params.optimizer.lr.step=1e-4"], "optimizer.lr: The parameter `step` is not supported when `log`"),
+        (["+sweep.params.optimizer.weight_decay.step=0"], "optimizer.weight_decay: `step > 0` must hold"),
+        (  # it took every value to 0 (lr=0 refused as a config, the first trial's)
+            ["sweep.params.optimizer.lr.type=int"],
+            "sweep.params.optimizer.lr: type int needs whole numbers (low=1e-05, high=0.01); type float for fractions",
+        ),
+        (["+sweep.params.data.batch_size={type:int,low:8,high:64,step:0}"], "data.batch_size: `step > 0` must hold"),
         (["sweep.seed=-1"], "sweep.seed=-1 is out of range: it must be >= 0"),
         (["trainer.eval_every_n_steps=0"], "sweep.pruner=median needs evaluations during training"),
         (["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"], "optimizer.lrr"),

@@ -83,6 +83,18 @@ def dimension_problems(key: str, dimension: SearchDimension, sampler: SamplerNam
         return [f"{where}: type {dimension.type.value} needs low <= high (it has {dimension.low} and {dimension.high})"]
     if dimension.log and dimension.low <= 0:
         return [f"{where}: log: true needs low > 0"]
+    bounds = {"low": dimension.low, "high": dimension.high, "step": dimension.step}
+    if dimension.type == ParamType.int and any(value is not None and value != int(value) for value in bounds.values()):
+        given = ", ".join(f"{name}={value}" for name, value in bounds.items() if value is not None)
+        return [f"{where}: type int needs whole numbers ({given}); type float for fractions"]
+    try:  # what Optuna refuses of a range (a step with log: true, a step <= 0) is known before any trial runs
+        if dimension.type == ParamType.int:
+            step = 1 if dimension.step is None else int(dimension.step)
+            optuna.distributions.IntDistribution(int(dimension.low), int(dimension.high), log=dimension.log, step=step)
+        else:
+            optuna.distributions.FloatDistribution(dimension.low, dimension.high, log=dimension.log, step=dimension.step)
+    except ValueError as error:
+        return [f"{where}: {error}"]
     if sampler == SamplerName.grid and dimension.step is None:
         return [f"{where}: sampler=grid needs a step for a {dimension.type.value} range, or type categorical"]
     return []
