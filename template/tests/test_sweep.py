@@ -74,6 +74,19 @@ def test_the_median_pruner_stops_trials_that_learn_nothing(toy_overrides, tmp_pa
     assert [row.split()[-1] for row in rows] == ["done", "done", "TrialPruned", "TrialPruned"]
 
 
+def test_a_trial_that_diverges_fails_in_one_line_and_the_sweep_goes_on(toy_overrides, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    queue = optuna.create_study(study_name="sweep", storage=f"sqlite:///{folder / 'study.db'}", direction="minimize")
+    for lr in (1e30, 3e-3):  # the first gives a NaN loss at its second step
+        queue.enqueue_trial({"optimizer.lr": lr})
+    output = sweep(folder, toy_overrides, capsys, "sweep.n_trials=1", "trainer.max_grad_norm=0")
+
+    assert [trial.state.name for trial in study_of(folder).trials] == ["FAIL", "COMPLETE"]
+    assert "trial 0 failed: step 2: the training loss is nan" in output
+    assert "Traceback" not in output and "best: trial 1" in output
+
+
 def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, capsys):
     folder = tmp_path / "sweep"
     fast = ["sweep.pruner=none", "sweep.sampler=random", "sweep.seed=0", "trainer.max_steps=4"]

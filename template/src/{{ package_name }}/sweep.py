@@ -309,6 +309,11 @@ class Objective:
         launch.reset_accelerate_state()
         try:
             result = train(cfg, trial_dir, on_evaluation=report)
+        except (NonFiniteLossError, PreflightError) as error:
+            # A trial that diverges, or whose values fail a preflight check (too low a learning rate to overfit a
+            # batch, say), fails and the sweep goes on: its reason in one line, where Optuna would log a traceback.
+            print(f"trial {trial.number} failed: {error}")
+            return float("nan")  # Optuna's mark of a failed trial
         finally:
             launch.reset_accelerate_state()
         return result["metrics"][self.monitor]
@@ -344,9 +349,6 @@ def run_sweep(cfg: DictConfig, sweep_dir: Path) -> optuna.Study:
             n_trials=remaining,
             # Other workers finish trials too: stop when the study as a whole has enough.
             callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED)],
-            # A trial that diverges, or whose values fail a preflight check (too low a learning rate to overfit a
-            # batch, say), fails; the sweep goes on.
-            catch=(NonFiniteLossError, PreflightError),
             gc_after_trial=True,
         )
     print(summary(study, stopping.metric))
