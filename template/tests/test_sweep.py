@@ -80,7 +80,8 @@ def test_a_trial_that_diverges_fails_in_one_line_and_the_sweep_goes_on(toy_overr
     queue = optuna.create_study(study_name="sweep", storage=f"sqlite:///{folder / 'study.db'}", direction="minimize")
     for lr in (1e30, 3e-3):  # the first gives a NaN loss at its second step
         queue.enqueue_trial({"optimizer.lr": lr})
-    output = sweep(folder, toy_overrides, capsys, "sweep.n_trials=1", "trainer.max_grad_norm=0")
+    diverging = ["sweep.params.optimizer.lr.high=1e30", "trainer.max_grad_norm=0"]
+    output = sweep(folder, toy_overrides, capsys, "sweep.n_trials=2", *diverging)  # 2 tries, failed or not
 
     assert [trial.state.name for trial in study_of(folder).trials] == ["FAIL", "COMPLETE"]
     assert "trial 0 failed: step 2: the training loss is nan" in output
