@@ -339,7 +339,9 @@ def run_sweep(cfg: DictConfig, sweep_dir: Path) -> optuna.Study:
     space = check(cfg, sweep_dir)
     base = training_config(cfg)
     stopping = EarlyStopping.from_config(base, build_task(base.task))  # the monitored metric, and which way is better
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from this module instead
+    # One line per trial from this module instead, also for a failed one (Optuna would add "The value nan is not
+    # acceptable" or a traceback).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(cfg, sweep_dir, base, space, stopping.mode.value)
     remaining = cfg.sweep.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
     print(f"study {study.study_name} in {storage_url(cfg.sweep, sweep_dir)}: {len(study.trials)} trials so far")
