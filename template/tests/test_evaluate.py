@@ -51,6 +51,19 @@ def test_evaluate_command_line_writes_metrics_and_predictions_into_its_own_folde
     assert (run_dir / "evaluate.log").is_file() and len(read_predictions(run_dir)) == trained["metrics"]["examples"]
 
 
+@pytest.mark.skipif(len(TASKS) < 2, reason="needs a project with two tasks or more")
+def test_a_checkpoint_of_another_task_than_the_default_names_the_task_to_add(
+    pkg, make_config, toys, default_task, tmp_path
+):
+    other = next(task for task in TASKS if task != default_task)
+    pkg.loop.train(make_config(*toys(other), "checkpoint.every_n_steps=2", "trainer.max_steps=2"), tmp_path / "run")
+    reset_accelerate_state()
+    checkpoint = f"checkpoint_path='{tmp_path / 'run' / 'checkpoints' / 'step_00000002'}'"
+    cfg = make_config(checkpoint, "trainer.log_with=none", config_name="evaluate")  # the default task's data
+    with pytest.raises(pkg.data.DataError, match=f"holds a run of task={other}, .* add task={other} for the data"):
+        pkg.loop.evaluate_saved(cfg, tmp_path / "evaluated")
+
+
 @pytest.mark.parametrize(
     "override, message",
     [("split=tset", "split=tset is not a split of this dataset"), ("checkpoint_path=/no/such", "no such folder")],

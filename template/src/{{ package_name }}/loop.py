@@ -34,12 +34,12 @@ from .config import (
     user_path,
     validate,
 )
-from .data import make_dataloaders, make_eval_dataloader, training_subset
+from .data import DataError, make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, UserError, sigterm_stops_like_ctrl_c
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
 from .modeling import refuse_untrained, saved_labels
 from .optim import build_optimizer, build_scheduler, keep_configured_settings
-from .records import METRICS_FILE, to_json
+from .records import METRICS_FILE, task_name, to_json
 from .tasks.base import Task, refuse_what_the_model_cannot_take
 
 logger = get_logger(__name__)
@@ -490,6 +490,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     `run_dir` as metrics.json and predictions.jsonl. A checkpoint (`cfg.checkpoint_path`) brings the task and the
     model config of its run; its weights replace the model's."""
     checkpoint = None if cfg.checkpoint_path is None else user_path(cfg.checkpoint_path)
+    command_task = cfg.task._target_  # the task whose data config this command composed
     if checkpoint is not None:
         if not checkpoint.is_dir():
             raise ConfigError(f"checkpoint_path={cfg.checkpoint_path}: no such folder")
@@ -508,7 +509,16 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
     # A classifier reads the data's labels by the names its model was trained for: a file may hold some of them.
     task.labels = saved_labels(cfg.model.name_or_path) if checkpoint is None else record.get("labels")
     with accelerator.main_process_first():
-        datasets = task.load(cfg.data, cfg.model, cfg.trainer.seed)
+        try:
+            datasets = task.load(cfg.data, cfg.model, cfg.trainer.seed)
+        except DataError as error:
+            if cfg.task._target_ == command_task:
+                raise
+            raise DataError(  # the default data of another task, most likely: name the override that fixes it
+                f"{error}\n(checkpoint_path holds a run of task={task_name(cfg.task._target_)}, and the data of this "
+                f"command is task={task_name(command_task)}'s: add task={task_name(cfg.task._target_)} for the data of "
+                "its task)"
+            ) from None
     # Loaded, data.train_split and data.eval_split are called train and validation (split=test may name either).
     split = {data.train_split: "train", data.eval_split: "validation"}.get(cfg.split, cfg.split)
     if split not in datasets:

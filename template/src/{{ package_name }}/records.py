@@ -22,3 +22,9 @@ def _finite(value):
 
 def to_json(value, indent: int | None = None) -> str:
     return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def task_name(target: str) -> str:
+    """A task's name (task=<name>: configs/task/<name>.yaml, tasks/<name>.py) from its class, the task._target_ that a
+    run's config records."""
+    return target.rsplit(".", 2)[-2] if target.count(".") >= 2 else target

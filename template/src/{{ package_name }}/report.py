@@ -8,7 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .records import METRICS_FILE
+from .records import METRICS_FILE, task_name
 from .runs import NoRunsError, differing_config, find_runs, load_run
 
 DEFAULT_MONITOR = ("loss", "min")  # every task's validation loss: for runs that have not finished yet
@@ -126,8 +126,7 @@ def report(paths: list, out: Path) -> list:
 
 def task_of(run) -> str:
     """The task a run trained, the module of its task._target_: runs of different tasks share no metric."""
-    target = str(run.config.get("task._target_"))
-    return target.rsplit(".", 2)[-2] if target.count(".") >= 2 else target
+    return task_name(str(run.config.get("task._target_")))
 
 
 def report_runs(runs: list, out: Path) -> list:
