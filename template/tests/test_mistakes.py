@@ -22,6 +22,13 @@ from transformers import AutoConfig
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
 NONFINITE = ["optimizer.lr=1e30", "trainer.max_grad_norm=0", "checks.overfit_batch=false"]  # NaN from step 2 on
 
+def export_of_forward_that_fails(tmp: Path, toy: list, *args) -> None:
+    """A `prepare`: {tmp}/model as train.py exports ForwardThatFails (below): its one weight, and the toy's
+    tokenizer or image processor."""
+    copy_toy_model(drop=("model.safetensors", "config.json"))(tmp, toy, *args)
+    save_file({"scale": torch.ones(1)}, tmp / "model" / "model.safetensors")
+
+
 MISTAKES = [
     # Config: typos and values that compose but make no sense, refused before any compute and any run folder.
     Mistake("unknown key", ["trainer.max_step=10"], "Could not override 'trainer.max_step'"),
@@ -65,6 +72,18 @@ MISTAKES = [
         [TOY, "model.name_or_path={tmp}/model"],
         "cannot be read here: The checkpoint you are trying to load has model type `from_a_later_transformers`",
         prepare=copy_toy_model(model_type="from_a_later_transformers"),
+    ),
+    Mistake(  # checks.enabled=false (the toy's): it was a traceback from deep in the model at the first step
+        "own module that fails on the task's batches, without the checks",
+        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardThatFails"],
+        "the model raised RuntimeError on the first training batch (checks.enabled=true tries the model before",
+    ),
+    Mistake(
+        "own module that fails on the data it evaluates",
+        [TOY, "model.name_or_path={tmp}/model", "model._target_=test_mistakes.ForwardThatFails"],
+        "the model raised RuntimeError on a batch of split validation: mat1 and mat2 shapes cannot be multiplied",
+        script="evaluate.py",
+        prepare=export_of_forward_that_fails,
     ),
     Mistake(
         "architecture misspelt",

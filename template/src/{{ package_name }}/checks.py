@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch.utils._pytree import tree_leaves_with_path, tree_map
 
 from . import checkpoints
-from .errors import UserError
+from .errors import ModelError, UserError
 from .metrics_log import readable
 
 logger = get_logger(__name__)
@@ -437,10 +437,6 @@ def run_preflight_checks(run, evaluate) -> None:
         except UserError:
             raise
         except Exception as error:  # the model cannot run on the task's batches: a shape, size or dtype that differs
-            what = next(iter(str(error).strip().splitlines()), "")
-            raise PreflightError(
-                f"preflight check {name} failed: the model raised {type(error).__name__} on a batch of the task: "
-                f"{what} (HYDRA_FULL_ERROR=1 shows where)"
-            ) from error
+            raise PreflightError(f"preflight check {name} failed: {ModelError.of(error, 'a batch of the task')}") from error
         logger.info(f"preflight {name}: passed in {time.perf_counter() - begin:.2f}s ({summary})")
     logger.info(f"preflight checks passed in {time.perf_counter() - start:.2f}s")

@@ -20,6 +20,16 @@ class UserError(Exception):
     exit_code = 1
 
 
+class ModelError(UserError):
+    """The model cannot run on the task's batches: a layer of another width, an image size or a number of channels
+    that differs from the data's, inputs it does not take."""
+
+    @classmethod
+    def of(cls, error: Exception, where: str) -> "ModelError":
+        what = next(iter(str(error).strip().splitlines()), "")
+        return cls(f"the model raised {type(error).__name__} on {where}: {what} (HYDRA_FULL_ERROR=1 shows where)")
+
+
 class Interrupted(UserError):
     """Ctrl-C (SIGINT) or SIGTERM, with where the run stopped and what a resume would continue from."""
 

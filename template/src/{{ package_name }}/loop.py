@@ -35,7 +35,7 @@ from .config import (
     validate,
 )
 from .data import DataError, make_dataloaders, make_eval_dataloader, training_subset
-from .errors import Interrupted, UserError, sigterm_stops_like_ctrl_c
+from .errors import Interrupted, ModelError, UserError, sigterm_stops_like_ctrl_c
 from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
 from .modeling import refuse_untrained, saved_labels
 from .optim import build_optimizer, build_scheduler, keep_configured_settings
@@ -382,8 +382,16 @@ def fit(run: Run) -> list:
     stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
     throughput = Throughput(accelerator, run.task)
     with profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler:
+        first_step = state["step"]
         while state["step"] < trainer.max_steps and not state["stopped_early"]:
-            train_step(run, throughput.next_cycle(stream, trainer.gradient_accumulation_steps))
+            cycle = throughput.next_cycle(stream, trainer.gradient_accumulation_steps)
+            try:
+                train_step(run, cycle)
+            except Exception as error:  # at the first step: a model that cannot run on the task's batches
+                if state["step"] > first_step or isinstance(error, UserError):
+                    raise
+                where = "the first training batch (checks.enabled=true tries the model before training)"
+                raise ModelError.of(error, where) from error
             throughput.step_done()
             profiler.step()
             step = state["step"]
@@ -533,7 +541,12 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         with checkpoints.fitting(checkpoint):
             load_model(model, checkpoint / "model.safetensors")
     model, dataloader = accelerator.prepare(model, make_eval_dataloader(datasets[split], cfg.data, task.collate))
-    metrics, records = evaluate(task, model, dataloader, accelerator)
+    try:
+        metrics, records = evaluate(task, model, dataloader, accelerator)
+    except UserError:
+        raise
+    except Exception as error:  # a task.* setting that the model does not fit (another image size, say)
+        raise ModelError.of(error, f"a batch of split {cfg.split}") from error
     source = str(checkpoint or cfg.model.name_or_path or cfg.model._target_ or cfg.model.model_type)
     result = {"split": cfg.split, "model": source, "metrics": metrics, "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
