@@ -22,6 +22,11 @@ from transformers import AutoConfig
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
 NONFINITE = ["optimizer.lr=1e30", "trainer.max_grad_norm=0", "checks.overfit_batch=false"]  # NaN from step 2 on
 
+def own_module(target: str, *more: str) -> list:
+    """The args of the toy run (and `more`) with your own module `target`, package.module.Class, from scratch."""
+    return [TOY, *more, "model.name_or_path=null", f"model._target_={target}"]
+
+
 def export_of_forward_that_fails(tmp: Path, toy: list, *args) -> None:
     """A `prepare`: {tmp}/model as train.py exports ForwardThatFails (below): its one weight, and the toy's
     tokenizer or image processor."""
@@ -54,17 +59,17 @@ MISTAKES = [
     # Your own module, or an architecture from scratch, that is not there: refused before any run folder.
     Mistake(
         "own module's class misspelt",
-        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardOfOtherName"],
+        own_module("test_mistakes.ForwardOfOtherName"),
         "module test_mistakes has no class 'ForwardOfOtherName'; did you mean test_mistakes.ForwardOfOtherNames?",
     ),
     Mistake(
         "own module's module that is not there",
-        [TOY, "model.name_or_path=null", "model._target_=models.mine.Net"],
+        own_module("models.mine.Net"),
         "model._target_=models.mine.Net: no module 'models.mine' can be imported",
     ),
     Mistake(
         "own module that needs a package not installed here",
-        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.BuiltWithAPackageNotInstalled"],
+        own_module("test_mistakes.BuiltWithAPackageNotInstalled"),
         "needs a package that is not installed here: No module named 'a_package_not_installed_here'",
     ),
     Mistake(  # saved by a later transformers, with an architecture this one does not have
@@ -75,7 +80,7 @@ MISTAKES = [
     ),
     Mistake(  # checks.enabled=false (the toy's): it was a traceback from deep in the model at the first step
         "own module that fails on the task's batches, without the checks",
-        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardThatFails"],
+        own_module("test_mistakes.ForwardThatFails"),
         "the model raised RuntimeError on the first training batch (checks.enabled=true tries the model before",
     ),
     Mistake(
@@ -377,12 +382,12 @@ SCRATCH_MODEL_ROWS = [
     ),
     Mistake(  # it failed at the first step, with a TypeError from the loop
         "own module whose forward names its inputs otherwise",
-        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardOfOtherNames"],
+        own_module("test_mistakes.ForwardOfOtherNames"),
         "model._target_=test_mistakes.ForwardOfOtherNames: its forward(x) cannot take what the task passes",
     ),
     Mistake(  # a shape that does not fit, say: it was a traceback from deep in the model
         "own module that fails on the task's batches",
-        [TOY, CHECKS_ON, "model.name_or_path=null", "model._target_=test_mistakes.ForwardThatFails"],
+        own_module("test_mistakes.ForwardThatFails", CHECKS_ON),
         "preflight check init_loss failed: the model raised RuntimeError on a batch of the task: mat1 and mat2",
     ),
 ]
