@@ -22,6 +22,7 @@ from transformers import AutoConfig
 CHECKPOINTED = ["trainer.max_steps=4", "checkpoint.every_n_steps=2"]  # a run folder with checkpoints to resume
 NONFINITE = ["optimizer.lr=1e30", "trainer.max_grad_norm=0", "checks.overfit_batch=false"]  # NaN from step 2 on
 
+
 def own_module(target: str, *more: str) -> list:
     """The args of the toy run (and `more`) with your own module `target`, package.module.Class, from scratch."""
     return [TOY, *more, "model.name_or_path=null", f"model._target_={target}"]

@@ -437,6 +437,8 @@ def run_preflight_checks(run, evaluate) -> None:
         except UserError:
             raise
         except Exception as error:  # the model cannot run on the task's batches: a shape, size or dtype that differs
-            raise PreflightError(f"preflight check {name} failed: {ModelError.of(error, 'a batch of the task')}") from error
+            raise PreflightError(
+                f"preflight check {name} failed: {ModelError.of(error, 'a batch of the task')}"
+            ) from error
         logger.info(f"preflight {name}: passed in {time.perf_counter() - begin:.2f}s ({summary})")
     logger.info(f"preflight checks passed in {time.perf_counter() - start:.2f}s")

@@ -92,7 +92,9 @@ def dimension_problems(key: str, dimension: SearchDimension, sampler: SamplerNam
             step = 1 if dimension.step is None else int(dimension.step)
             optuna.distributions.IntDistribution(int(dimension.low), int(dimension.high), log=dimension.log, step=step)
         else:
-            optuna.distributions.FloatDistribution(dimension.low, dimension.high, log=dimension.log, step=dimension.step)
+            optuna.distributions.FloatDistribution(
+                dimension.low, dimension.high, log=dimension.log, step=dimension.step
+            )
     except ValueError as error:
         return [f"{where}: {error}"]
     if sampler == SamplerName.grid and dimension.step is None:
