@@ -148,7 +148,7 @@ def test_the_stop_guard_reads_no_loss_at_a_step_only_when_checked(pkg):
     guard.unchecked.clear()
     for step, loss in [(4, 2.5), (5, 1.5), (6, float("nan")), (7, float("inf"))]:
         assert guard.allows_update(step, torch.tensor(loss))
-    with pytest.raises(pkg.loop.NonFiniteLossError, match="step 6: .* is nan; the last finite loss was 1.5"):
+    with pytest.raises(pkg.loop.NonFiniteLossError, match="step 6: .* is nan; the last finite training loss was 1.5"):
         guard.check()
     assert guard.losses == [2.5, 1.5]
 

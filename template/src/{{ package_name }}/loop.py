@@ -226,10 +226,30 @@ class NonFiniteGuard:
                 self.losses.append(value)
         return self.losses[-1] if self.losses else None
 
+    def check_all(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+        """check(), and that no weight is NaN or infinite: an update can overflow the weights though the loss before
+        it was finite (a run's last update, say), and what leaves the run next (an evaluation, a checkpoint, the
+        export) would be broken. One synchronization for all the weights, over every process (each may hold a shard)."""
+        self.check()
+        shards = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: this process's
+        finite = torch.stack([torch.isfinite(shard).all() for shard in shards])
+        broken = int(sum_over_processes(accelerator, finite.logical_not().sum().to(accelerator.device)))
+        if broken:
+            raise self.stopped(f"{broken} weight tensors hold NaN or inf after step {self.state['step']}")
+
+    def check_evaluation(self, metrics: dict) -> None:
+        """A validation loss of NaN or inf: the weights are finite but give outputs that are not (an update made them
+        huge), and nothing of this model may leave the run."""
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            raise self.stopped(f"the validation loss after step {self.state['step']} is {metrics['loss']}")
+
     def error(self, step: int, value: float, why: str, advice: str) -> NonFiniteLossError:
+        return self.stopped(f"step {step}: the training loss is {value}", why, advice)
+
+    def stopped(self, what: str, why: str = "", advice: str = "") -> NonFiniteLossError:
         return NonFiniteLossError(
-            f"step {step}: the training loss is {value}; the last finite loss was {self.state['last_finite_loss']}. "
-            f"Stopped ({why}): nothing was exported, and the checkpoints written so far are untouched. "
+            f"{what}; the last finite training loss was {self.state['last_finite_loss']}. Stopped"
+            f"{f' ({why})' if why else ''}: nothing was exported, and the checkpoints written so far are untouched. "
             f"To go on: lower optimizer.lr or set trainer.max_grad_norm{advice}."
         )
 
@@ -350,6 +370,7 @@ def evaluate_and_decide(run: Run) -> None:
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     run.evaluated_step = step
     accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=step)
+    run.guard.check_evaluation(state["metrics"])
     if run.on_evaluation is not None:
         run.on_evaluation(step, state["metrics"])
     if accelerator.is_main_process:
@@ -402,14 +423,14 @@ def fit(run: Run) -> list:
                 accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
                 progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
             if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
-                guard.check()
+                guard.check_all(accelerator, run.model)
                 evaluate_and_decide(run)
             if checkpoint_every and step % checkpoint_every == 0:
-                guard.check()
+                guard.check_all(accelerator, run.model)
                 checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg), run.task.labels)
                 if accelerator.is_main_process:
                     checkpoints.prune(checkpoint_dir, cfg.checkpoint, run.stopping.metric, run.stopping.mode)
-    guard.check()  # before finish evaluates and exports
+    guard.check_all(accelerator, run.model)  # before finish evaluates and exports
     progress.close()
     return guard.losses
 
@@ -432,6 +453,7 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
     if run.evaluated_step != state["step"]:
         state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
         accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
+        run.guard.check_evaluation(state["metrics"])
     checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model", run.task.labels)
     end(run)
     result = {
