@@ -6,7 +6,8 @@ import time
 
 import pytest
 import torch
-from conftest import ForkedScript
+from accelerate import Accelerator
+from conftest import ForkedScript, reset_accelerate_state
 from safetensors.torch import load_file
 
 STEP = "step_{:08d}"
@@ -151,6 +152,23 @@ def test_the_stop_guard_reads_no_loss_at_a_step_only_when_checked(pkg):
     with pytest.raises(pkg.loop.NonFiniteLossError, match="step 6: .* is nan; the last finite training loss was 1.5"):
         guard.check()
     assert guard.losses == [2.5, 1.5]
+
+
+def test_the_guard_stops_on_weights_that_an_update_overflowed(pkg):
+    """What leaves a run (an evaluation, a checkpoint, the export) is checked for weights of NaN or inf too: an
+    update after a finite loss (a run's last) can overflow them, in fp16 say, and no training loss shows it."""
+    guard = pkg.loop.NonFiniteGuard(pkg.config.TrainerConfig(), pkg.loop.new_state(seed=0, train_data={}))
+    accelerator = Accelerator(cpu=True)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        guard.check_all(accelerator, model)  # finite
+        with torch.no_grad():
+            model[1].weight[0, 1] = float("inf")
+            model[0].bias[0] = float("nan")
+        with pytest.raises(pkg.loop.NonFiniteLossError, match="^2 weight tensors hold NaN or inf after step 0; "):
+            guard.check_all(accelerator, model)
+    finally:
+        reset_accelerate_state()
 
 
 def strict_json(path):
