@@ -171,19 +171,28 @@ def test_the_guard_stops_on_weights_that_an_update_overflowed(pkg):
         reset_accelerate_state()
 
 
-def strict_json(path):
-    """The file's JSON, refusing the NaN and Infinity that Python's json module writes and reads by default."""
-    return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path} holds {name}: not JSON"))
+def strict_json(path, lines: bool = False):
+    """The file's JSON (a list of its lines' with `lines`), refusing the NaN and Infinity that Python's json module
+    writes and reads by default."""
+    texts = path.read_text().splitlines() if lines else [path.read_text()]
+    values = [json.loads(text, parse_constant=lambda name: pytest.fail(f"{path} holds {name}")) for text in texts]
+    return values if lines else values[0]
 
 
 def test_nonfinite_loss_can_be_skipped_and_counted(pkg, make_config, toy_overrides, tmp_path):
     overrides = [*toy_overrides, *ABSURD_LR, "trainer.max_steps=6", "checkpoint.every_n_steps=3"]
-    result = pkg.loop.train(make_config(*overrides, "trainer.nonfinite_loss=skip"), tmp_path)
-    assert result["step"] == 6 and result["skipped_steps"] == 5
-    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path).values())
-    # The blown-up model's validation loss is not finite: written as null, so every file stays valid JSON.
-    assert strict_json(tmp_path / "metrics.json")["metrics"]["loss"] is None
-    assert strict_json(tmp_path / "checkpoints" / STEP.format(6) / "trainer_state.json")["trainer"]["step"] == 6
+    # Step 1's update, after a finite loss, blows the weights up; steps 2 to 6 are skipped. The weights stay finite
+    # but the model's outputs do not: its validation loss is nan, and it is not exported.
+    with pytest.raises(pkg.loop.NonFiniteLossError, match="the validation loss after step 6 is nan; the last finite"):
+        pkg.loop.train(make_config(*overrides, "trainer.nonfinite_loss=skip"), tmp_path)
+    assert not (tmp_path / "model").exists()
+    state = strict_json(tmp_path / "checkpoints" / STEP.format(6) / "trainer_state.json")["trainer"]
+    assert state["step"] == 6 and state["skipped_steps"] == 5
+    weights = load_file(tmp_path / "checkpoints" / STEP.format(6) / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    # The logged validation loss is not finite: written as null, so every file stays valid JSON.
+    logged = strict_json(tmp_path / "metrics.jsonl", lines=True)
+    assert [line["eval/loss"] for line in logged if "eval/loss" in line] == [None]
 
 
 def test_skipped_updates_are_bounded_and_a_run_past_the_bound_exports_nothing(
