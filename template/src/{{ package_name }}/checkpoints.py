@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import load as safe_load
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers.utils import logging as transformers_logging
 
@@ -35,6 +36,27 @@ class CorruptCheckpointError(UserError, RuntimeError):
 
 class CheckpointMismatchError(UserError, RuntimeError):
     """A sound checkpoint whose state does not fit what the code builds now."""
+
+
+class WriteError(UserError, OSError):
+    """A checkpoint or export that the disk refused: full, over a quota or a file size limit, read-only."""
+
+
+@contextmanager
+def written(what: str, folder: Path) -> Iterator[None]:
+    """Writing `what` into `folder`; a write the disk refuses is a WriteError naming both, and the folder, which
+    holds part of it only, is removed (the space it took is free again)."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as error:  # torch.save's stream writer raises a RuntimeError
+        if isinstance(error, RuntimeError) and "writ" not in str(error):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise WriteError(
+            f"could not write {what} into {folder}: {reason}; free space there, or choose another hydra.run.dir "
+            "(the checkpoints written before are untouched)"
+        ) from error
 
 
 def versions() -> dict:
@@ -68,7 +90,8 @@ def save(
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # every process takes part (sharded FSDP/DeepSpeed states)
+    with written("a checkpoint", partial):
+        accelerator.save_state(str(partial))  # every process takes part (sharded FSDP/DeepSpeed states)
     # save_state returns without waiting for the others: each process still writes its own RNG state file.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -81,7 +104,8 @@ def save(
             "num_processes": accelerator.num_processes,  # the data order of a resume depends on it
             "checksums": _checksums(partial),
         }
-        (partial / STATE_FILE).write_text(to_json(record, indent=2))
+        with written("a checkpoint", partial):
+            (partial / STATE_FILE).write_text(to_json(record, indent=2))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -201,22 +225,27 @@ def export(accelerator: Accelerator, model, processor, folder: Path, labels: lis
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-        unwrapped = accelerator.unwrap_model(model)
-        if hasattr(unwrapped, "save_pretrained"):
-            # Without transformers' progress bar ("Writing model shards"): the run logs where its model went.
-            bars = transformers_logging.is_progress_bar_enabled()
-            transformers_logging.disable_progress_bar()
-            try:
-                unwrapped.save_pretrained(folder, state_dict=state_dict)
-            finally:
-                if bars:
-                    transformers_logging.enable_progress_bar()
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            # Copies: safetensors refuses tensors that share memory (tied weights).
-            metadata = {"format": "pt"} if labels is None else {"format": "pt", "labels": json.dumps(labels)}
-            save_file({name: t.clone() for name, t in state_dict.items()}, folder / WEIGHTS_FILE, metadata)
-        if processor is not None:
-            processor.save_pretrained(folder)
+        with written("the model", folder):
+            write_model(accelerator.unwrap_model(model), processor, folder, state_dict, labels)
     accelerator.wait_for_everyone()
+
+
+def write_model(unwrapped, processor, folder: Path, state_dict: dict, labels: list | None) -> None:
+    """export's writing, on the main process."""
+    state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    if hasattr(unwrapped, "save_pretrained"):
+        # Without transformers' progress bar ("Writing model shards"): the run logs where its model went.
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            unwrapped.save_pretrained(folder, state_dict=state_dict)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Copies: safetensors refuses tensors that share memory (tied weights).
+        metadata = {"format": "pt"} if labels is None else {"format": "pt", "labels": json.dumps(labels)}
+        save_file({name: t.clone() for name, t in state_dict.items()}, folder / WEIGHTS_FILE, metadata)
+    if processor is not None:
+        processor.save_pretrained(folder)

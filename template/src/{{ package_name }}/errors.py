@@ -2,6 +2,7 @@
 loss, Ctrl-C. Each is a UserError whose message says what was wrong, what is allowed and which key to change;
 `reported` prints it as one short block and exits non-zero, without the traceback (HYDRA_FULL_ERROR=1 shows it)."""
 
+import errno
 import logging
 import os
 import signal
@@ -78,15 +79,24 @@ def warn(logger: logging.Logger, message: str) -> None:
         logger.warning(message)
 
 
+# A write that the disk refuses: full, over a quota or the file size limit (ulimit -f), a read-only file system.
+DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 @contextmanager
 def reported() -> Iterator[None]:
-    """Turn a UserError or Ctrl-C inside the block into "Error: <message>" on stderr and SystemExit: 1 (130 for
-    Ctrl-C). In a multi-process launch only the main process prints (every process raises the same error)."""
+    """Turn a UserError, Ctrl-C or a write the disk refused inside the block into "Error: <message>" on stderr and
+    SystemExit: 1 (130 for Ctrl-C). In a multi-process launch only the main process prints (every process raises the
+    same error)."""
     try:
         yield
-    except (UserError, KeyboardInterrupt) as error:
+    except (UserError, KeyboardInterrupt, OSError) as error:
         if isinstance(error, KeyboardInterrupt):
             error = Interrupted.of(error)
+        elif isinstance(error, OSError) and not isinstance(error, UserError):
+            if error.errno not in DISK_REFUSED:
+                raise
+            error = UserError(f"could not write {error.filename or 'a file'}: {error.strerror}; free space there")
         if process_rank() == 0:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()
