@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import ForkedScript, reset_accelerate_state
+from conftest import ForkedScript, reset_accelerate_state, run_in_process, toy_model
 from safetensors.torch import load_file
 
 STEP = "step_{:08d}"
@@ -139,6 +139,33 @@ def test_nonfinite_loss_stops_before_the_next_checkpoint_even_between_log_steps(
         pkg.loop.train(make_config(*overrides, "trainer.max_steps=20"), tmp_path)
     assert pkg.checkpoints.list_complete(tmp_path / "checkpoints") == []
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs a POSIX file size limit")
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["checkpoint.every_n_steps=2"], "could not write a checkpoint into"), ([], "could not write the model into")],
+)
+def test_a_write_the_disk_refuses_is_one_message_and_leaves_no_part_behind(
+    toy_overrides, tmp_path, capsys, overrides, message
+):
+    """A full disk, as a file size limit (ulimit -f) makes it: the weights, larger than the limit, cannot be written."""
+    import resource
+
+    limit = max(16_000, (toy_model(toy_overrides) / "model.safetensors").stat().st_size // 2)
+    run = tmp_path / "run"
+    args = [*toy_overrides, "trainer.max_steps=2", *overrides, f"hydra.run.dir={run}"]
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        code, output = run_in_process("train.py", args, capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert code == 1 and f"{message} {run}" in output and "File too large" in output, output
+    assert "Traceback" not in output
+    assert not (run / "model").exists() and not list(run.glob("checkpoints/*"))  # no part of a checkpoint or model
 
 
 def test_the_stop_guard_reads_no_loss_at_a_step_only_when_checked(pkg):
