@@ -150,7 +150,7 @@ def test_a_write_the_disk_refuses_is_one_message_and_leaves_no_part_behind(
     toy_overrides, tmp_path, capsys, overrides, message
 ):
     """A full disk, as a file size limit (ulimit -f) makes it: the weights, larger than the limit, cannot be written."""
-    import resource
+    import resource  # POSIX only
 
     limit = max(16_000, (toy_model(toy_overrides) / "model.safetensors").stat().st_size // 2)
     run = tmp_path / "run"

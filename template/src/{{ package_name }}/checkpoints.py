@@ -54,7 +54,7 @@ def written(what: str, folder: Path) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
         raise WriteError(
-            f"could not write {what} into {folder}: {reason}; free space there, or choose another hydra.run.dir "
+            f"could not write {what} into {folder.parent}: {reason}; free space there, or choose another hydra.run.dir "
             "(the checkpoints written before are untouched)"
         ) from error
 
