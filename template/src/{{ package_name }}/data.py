@@ -286,6 +286,9 @@ def make_eval_dataloader(dataset, cfg: DictConfig, collate) -> DataLoader:
     return DataLoader(dataset, batch_size=cfg.eval_batch_size, collate_fn=collate, num_workers=cfg.num_workers)
 
 
+MANY_CLASSES = 20  # more classes than this, each of one or two training examples on average, are warned of
+
+
 def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None = None) -> tuple:
     """Make `column` a ClassLabel in every split and return the splits and the label names: `known`, the labels a
     saved model was trained for (evaluate.py), which the data's are read by; else the data's own, in sorted order
@@ -353,6 +356,13 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
                 f"{source(splits[name])}: the {name} split has labels in column {column!r} ({key}) that the "
                 f"training split ({train}) never shows: {[names[i] for i in unseen]}"
             )
+    classes, examples = len(seen["train"]), len(splits["train"])
+    if classes > MANY_CLASSES and classes > examples / 2:  # one or two examples a class: an id column, say
+        warn(
+            logger,
+            f"{train}: column {column!r} ({key}) holds {classes} different labels in {examples} examples; is it an "
+            f"id or a free text column? (a classifier learns a class from several examples of it)",
+        )
     return splits, names
 
 
