@@ -46,6 +46,11 @@ MISTAKES = [
         "checkpoint.mode=max contradicts checkpoint.monitor=loss",
     ),
     Mistake("held-out fraction of all of train", [TOY, "data.eval_fraction=1"], "it must be < 1"),
+    Mistake(  # it accepted nothing, and the resume then refused the change it was meant for
+        "resume_allow misspelt",
+        [TOY, "resume_allow=[data.batch_sise,checks]"],
+        "resume_allow=[data.batch_sise (did you mean data.batch_size?)]: not a key or group of the config",
+    ),
     Mistake(
         "early stopping without evaluations",  # TOY evaluates only at the end
         [TOY, "trainer.early_stopping_patience=2"],

@@ -26,6 +26,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .errors import UserError, reported
 from .records import STATE_FILE, WEIGHTS_FILE
+from .runs import flatten
 
 
 class MixedPrecision(Enum):
@@ -476,12 +477,24 @@ def refuse_unknown_model_type(model_type: str) -> None:
         )
 
 
+def _resume_allow_problems(cfg: DictConfig) -> list:
+    """resume_allow entries that are no key or group of the config: a misspelt one accepts nothing."""
+    absent = object()
+    unknown = [key for key in cfg.get("resume_allow") or [] if OmegaConf.select(cfg, key, default=absent) is absent]
+    keys = [*flatten(OmegaConf.to_container(cfg, resolve=False)), *cfg.keys()]
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, keys, n=1)
+        named.append(key + (f" (did you mean {close[0]}?)" if close else ""))
+    return [f"resume_allow=[{', '.join(named)}]: not a key or group of the config"] if named else []
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad value, before any compute is spent."""
     schema = OmegaConf.get_type(cfg)
     problems = _unknown_keys(cfg, "", _schema_keys(schema)) if is_dataclass(schema) else []
     problems += range_problems(TrainConfig, cfg, "")
-    problems += _task_problems(cfg) + _model_problems(cfg.model)
+    problems += _task_problems(cfg) + _model_problems(cfg.model) + _resume_allow_problems(cfg)
     data = cfg.data
     if (data.name is None) == (not data.files):
         problems.append(
