@@ -3,6 +3,7 @@
 python bench/overfit.py
 """
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; anything else is refused
     start = time.perf_counter()
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     from conftest import PACKAGE, TASKS, compose_config, reset_accelerate_state, toy_overrides_for

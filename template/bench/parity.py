@@ -186,6 +186,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="add a row: this loop with trainer.compile=true")
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. data.batch_size=32")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: the median needs at least one measured round")
     task = [f"task={args.task}"] if args.task else []
     cfg = compose_config([*task, *args.overrides, f"trainer.max_steps={args.steps}"])
     work = Workload(cfg)
