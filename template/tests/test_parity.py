@@ -14,3 +14,15 @@ def test_parity_bench_runs_and_this_loop_matches_plain_pytorch(task, toys, capsy
     assert "this loop and plain PyTorch bit-identical" in output
     for row in ("plain PyTorch", "this loop", "transformers Trainer"):
         assert row in output
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("bench/parity.py", ["--repeats", "0"], "--repeats 0: the median needs at least one measured round"),
+        ("bench/overfit.py", ["--repeats", "3"], "unrecognized arguments: --repeats 3"),  # it ran the benchmark
+    ],
+)
+def test_a_bench_script_refuses_arguments_it_cannot_use(script, args, message, capsys):
+    code, output = run_in_process(script, args, capsys)
+    assert code == 2 and message in output and "Traceback" not in output, output
