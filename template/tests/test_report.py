@@ -117,6 +117,16 @@ def test_runs_record_metrics_and_report_compares_them(multirun, tmp_path, capsys
     with (out / "report.csv").open() as file:
         assert "optimizer.lr=0.01" in next(csv.DictReader(file))["config"]  # a single run: its overrides
 
+    # Runs whose files were written over are left out by name; the others are reported.
+    (multirun / "1" / ".hydra" / "config.yaml").write_text("optimizer: {lr: [\n")
+    (multirun / "2" / "metrics.jsonl").write_bytes(b"\xff\xfe binary")
+    code, output = run_in_process("report.py", [str(multirun), "--out", str(out)], capsys)
+    assert code == 0 and "1 runs by" in output and "Traceback" not in output, output
+    assert f"left out, unreadable: {multirun / '1' / '.hydra' / 'config.yaml'} is not valid YAML (" in output
+    assert f"{multirun / '2' / 'metrics.jsonl'} is not UTF-8 text" in output
+    code, output = run_in_process("report.py", [str(multirun / "1"), "--out", str(out)], capsys)
+    assert code == 2 and "report.py: no run can be read: " in output and "Traceback" not in output, output
+
 
 def test_report_on_a_folder_without_runs_says_what_a_run_folder_is(tmp_path, capsys):
     (tmp_path / "empty").mkdir()

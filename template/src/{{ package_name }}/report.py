@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .records import METRICS_FILE, task_name
-from .runs import NoRunsError, differing_config, find_runs, load_run
+from .runs import NoRunsError, UnreadableRunError, differing_config, find_runs, load_run
 
 DEFAULT_MONITOR = ("loss", "min")  # every task's validation loss: for runs that have not finished yet
 
@@ -109,9 +109,16 @@ def report(paths: list, out: Path) -> list:
     """Print the table of the runs under `paths`, best first, and write report.csv and curves.png into `out`; runs
     of several tasks (an outputs/ folder, say) get a table each, and their files go into `out`/<task>/."""
     folders, silent = find_runs(paths)
-    by_task = {}
-    for run in map(load_run, folders):
+    by_task, unreadable = {}, []
+    for folder in folders:
+        try:
+            run = load_run(folder)
+        except UnreadableRunError as error:
+            unreadable.append(str(error))
+            continue
         by_task.setdefault(task_of(run), []).append(run)
+    if not by_task:
+        raise NoRunsError(f"no run can be read: {'; '.join(unreadable)}")
     rows = []
     for task, runs in by_task.items():
         if len(by_task) > 1:
@@ -121,6 +128,8 @@ def report(paths: list, out: Path) -> list:
     print("process's peak resident set size")
     if silent:
         print(f"no {METRICS_FILE} (failed before the first logged step, or starting): {', '.join(map(str, silent))}")
+    if unreadable:
+        print(f"left out, unreadable: {'; '.join(unreadable)}")
     return rows
 
 

@@ -19,6 +19,24 @@ class NoRunsError(ValueError):
     """A folder given to a comparison tool holds no run folder."""
 
 
+class UnreadableRunError(NoRunsError):
+    """A run folder whose config or metrics file cannot be read: not UTF-8, not YAML (written over, say)."""
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as error:
+        raise UnreadableRunError(f"{path} is not UTF-8 text") from error
+
+
+def _yaml(path: Path):
+    try:
+        return yaml.safe_load(_text(path))
+    except yaml.YAMLError as error:
+        raise UnreadableRunError(f"{path} is not valid YAML ({str(error).splitlines()[0]})") from error
+
+
 @dataclass
 class RunRecord:
     folder: Path
@@ -73,7 +91,7 @@ def flatten(node: dict, prefix: str = "") -> dict:
 def read_lines(path: Path) -> list:
     """The JSON lines of a metrics file. A last line cut short (a run killed while writing) is left out."""
     lines = []
-    for text in Path(path).read_text().splitlines():
+    for text in _text(Path(path)).splitlines():
         try:
             lines.append(json.loads(text))
         except json.JSONDecodeError:
@@ -89,9 +107,9 @@ def latest_per_step(lines: list) -> list:
 
 def load_run(folder: Path) -> RunRecord:
     folder = Path(folder)
-    config = flatten(yaml.safe_load((folder / ".hydra" / "config.yaml").read_text()) or {})
+    config = flatten(_yaml(folder / ".hydra" / "config.yaml") or {})
     overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
+    overrides = (_yaml(overrides_file) or []) if overrides_file.is_file() else []
     lines = read_lines(folder / METRICS_FILE)
     summaries = [line["summary"] for line in lines if "summary" in line]
     return RunRecord(
