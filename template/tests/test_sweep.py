@@ -90,6 +90,16 @@ def test_a_trial_that_diverges_fails_in_one_line_and_the_sweep_goes_on(toy_overr
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("optuna") and r.levelname == "WARNING"]
 
 
+def test_a_sweep_folder_whose_study_is_no_database_says_so(tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    (folder / "study.db").write_text("notes, not a database")
+    code, output = run_in_process("sweep.py", [f"hydra.run.dir={folder}"], capsys)
+    assert code == 1 and "Traceback" not in output, output
+    assert f"the sweep's study in sqlite:///{folder / 'study.db'} cannot be opened: (sqlite3.DatabaseError)" in output
+    assert (folder / "study.db").read_text() == "notes, not a database"
+
+
 def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, capsys):
     folder = tmp_path / "sweep"
     fast = ["sweep.pruner=none", "sweep.sampler=random", "sweep.seed=0", "trainer.max_steps=4"]
@@ -145,6 +155,7 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
             "sweep.params.optimizer.lr: type int needs whole numbers (low=1e-05, high=0.01); type float for fractions",
         ),
         (["+sweep.params.data.batch_size={type:int,low:8,high:64,step:0}"], "data.batch_size: `step > 0` must hold"),
+        (["sweep.storage=study.db"], "sweep.storage=study.db: Could not parse SQLAlchemy URL"),  # a path, no URL
         (["sweep.seed=-1"], "sweep.seed=-1 is out of range: it must be >= 0"),
         (["trainer.eval_every_n_steps=0"], "sweep.pruner=median needs evaluations during training"),
         (["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"], "optimizer.lrr"),

@@ -18,7 +18,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from . import launch
 from .checks import PreflightError
@@ -255,9 +255,14 @@ def connect(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
                     grace_period=120,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )
-        except SQLAlchemyError:
+        except (ArgumentError, ImportError) as error:  # a URL that is not one, or a database without its driver here
+            raise ConfigError(f"sweep.storage={url}: {str(error).splitlines()[0]}") from None
+        except SQLAlchemyError as error:
             if attempt == attempts - 1:
-                raise
+                raise ConfigError(
+                    f"the sweep's study in {url} cannot be opened: {str(error).splitlines()[0]} (is it an Optuna "
+                    "study's database? choose another hydra.run.dir or sweep.storage)"
+                ) from error
             time.sleep(0.5 * (attempt + 1))
 
 
