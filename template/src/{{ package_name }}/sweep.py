@@ -18,7 +18,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 
 from . import launch
 from .checks import PreflightError
@@ -258,7 +258,7 @@ def connect(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
         except (ArgumentError, ImportError) as error:  # a URL that is not one, or a database without its driver here
             raise ConfigError(f"sweep.storage={url}: {str(error).splitlines()[0]}") from None
         except SQLAlchemyError as error:
-            if attempt == attempts - 1:
+            if attempt == attempts - 1 or not isinstance(error, IntegrityError | OperationalError):  # not the race
                 raise ConfigError(
                     f"the sweep's study in {url} cannot be opened: {str(error).splitlines()[0]} (is it an Optuna "
                     "study's database? choose another hydra.run.dir or sweep.storage)"
