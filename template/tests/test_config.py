@@ -41,6 +41,7 @@ def test_bad_choice_fails_at_compose_with_key_and_allowed_values(make_config, ov
         ("trainer.max_steps=0", "trainer.max_steps=0 is out of range: it must be >= 1"),
         ("trainer.seed=-1", "trainer.seed=-1 is out of range: it must be >= 0"),  # numpy refuses such seeds
         ("trainer.seed=4294967296", "trainer.seed=4294967296 is out of range: it must be <= 4294967295"),
+        ("optimizer.beta2=1", "optimizer.beta2=1.0 is out of range: it must be < 1"),  # torch's ValueError, later
     ],
 )
 def test_nonsense_number_fails_validation_naming_key_and_range(pkg, make_config, override, problem):

@@ -151,8 +151,8 @@ class OptimizerConfig:
     name: OptimizerName = OptimizerName.adamw
     lr: float = bounded(1e-3, gt=0)
     weight_decay: float = bounded(0.01, ge=0)
-    beta1: float = bounded(0.9, ge=0)
-    beta2: float = bounded(0.999, ge=0)
+    beta1: float = bounded(0.9, ge=0, lt=1)  # Adam's moment decays: torch refuses 1 and above
+    beta2: float = bounded(0.999, ge=0, lt=1)
     eps: float = bounded(1e-8, gt=0)
     momentum: float = bounded(0.9, ge=0)  # sgd only
 
