@@ -85,6 +85,12 @@ def test_rank_check_ranks_real_runs_and_reuses_them(toy_overrides, pkg, tmp_path
     assert code == 1
     assert "holds a run of other overrides" in output and "Traceback" not in output
 
+    # A run written over since (not YAML any more) is named, not read as a result.
+    (out / "full" / "1" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    code, output = rank_check(args, capsys)
+    assert code == 1 and "Traceback" not in output, output
+    assert "overrides.yaml is not valid YAML (" in output and f"move {out / 'full' / '1'} away" in output
+
 
 PLAN = "{tmp}/plan.yaml"  # in args: a plan file holding the case's text
 

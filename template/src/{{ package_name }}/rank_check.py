@@ -24,7 +24,7 @@ from .config import ConfigError, compose_train, yaml_mistake
 from .errors import UserError, reported
 from .records import to_json
 from .report import shown, table
-from .runs import is_run, load_run
+from .runs import UnreadableRunError, is_run, load_run
 
 BUDGETS = ("proxy", "full")
 
@@ -128,7 +128,10 @@ def finished_run(folder: Path, overrides: list):
     """The run record of `folder` if a run of these overrides finished there; None if no run finished there."""
     if not is_run(folder):  # nothing there, or a run that stopped before its first log: trained (again)
         return None
-    record = load_run(folder)
+    try:
+        record = load_run(folder)
+    except UnreadableRunError as error:  # written over since: its result cannot be trusted or read
+        raise ConfigError(f"{error}: move {folder} away, and rank_check.py trains that run again") from None
     if record.overrides != overrides:
         raise ConfigError(
             f"{folder} holds a run of other overrides ({' '.join(record.overrides)}); choose another --out"
