@@ -481,12 +481,14 @@ def _resume_allow_problems(cfg: DictConfig) -> list:
     """resume_allow entries that are no key or group of the config: a misspelt one accepts nothing."""
     absent = object()
     unknown = [key for key in cfg.get("resume_allow") or [] if OmegaConf.select(cfg, key, default=absent) is absent]
+    if not unknown:  # every command is validated: the keys to suggest from are gathered only when needed
+        return []
     keys = [*flatten(OmegaConf.to_container(cfg, resolve=False)), *cfg.keys()]
     named = []
     for key in unknown:
         close = difflib.get_close_matches(key, keys, n=1)
         named.append(key + (f" (did you mean {close[0]}?)" if close else ""))
-    return [f"resume_allow=[{', '.join(named)}]: not a key or group of the config"] if named else []
+    return [f"resume_allow=[{', '.join(named)}]: not a key or group of the config"]
 
 
 def validate(cfg: DictConfig) -> None:
