@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT, run_in_process
+from conftest import CONFIG_DIR, PROJECT_ROOT, TASKS, compose_config, run_in_process
+from omegaconf import OmegaConf
 
 
 @pytest.mark.parametrize(
@@ -146,3 +147,35 @@ def test_a_config_file_that_is_not_valid_yaml_is_named_with_its_line(script, edi
     assert "Traceback" not in output
     if "\t" in text:
         assert "(a tab: YAML indents with spaces)" in output
+
+
+SCHEMAS = {"train": "TrainConfig", "evaluate": "EvaluateConfig", "sweep": "SweepAppConfig"}
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("config_name", sorted(SCHEMAS))
+def test_every_key_hydra_composes_passes_the_check_of_command_line_keys(pkg, config_name, task):
+    """The check before composing sees only the schema: each key of a composed config (the task's, the model's and
+    the data's files included, and Hydra's own), given on the command line, passes it; and so do group choices,
+    the +, ++ and ~ forms, and Hydra's options."""
+    cfg = compose_config(f"task={task}", config_name=config_name, return_hydra_config=True)
+    keys = pkg.runs.flatten(OmegaConf.to_container(cfg))
+    others = ["model=pretrained", "experiment=smoke", "hydra/launcher=basic", "+new=1", "++trainer.max_steps=2"]
+    others += ["~model.config.dropout", "-m", "--cfg", "job", "--config-name=train", "optimizer.lr=1e-3,3e-4"]
+    schema = getattr(pkg.config, SCHEMAS[config_name])
+    pkg.config.refuse_unknown_overrides(schema, CONFIG_DIR, [f"{key}=1" for key in keys] + others)
+
+
+@pytest.mark.parametrize("config_name", sorted(SCHEMAS))
+def test_a_misspelt_key_on_the_command_line_is_named_with_the_key_it_is_likely_to_be(pkg, config_name):
+    """Every key of the schema with its last letter lost (Hydra would refuse it too, advising `+key=value`, which
+    adds the typo): one message naming each, most with the key meant."""
+    schema = getattr(pkg.config, SCHEMAS[config_name])
+    keys = pkg.config._schema_keys(schema)
+    typos = {key[:-1]: key for key in keys if key[:-1] not in keys}
+    with pytest.raises(pkg.config.ConfigError) as refused:
+        pkg.config.refuse_unknown_overrides(schema, CONFIG_DIR, [f"{typo}=1" for typo in typos])
+    lines = str(refused.value).splitlines()[1:]
+    assert [line.split()[0] for line in lines] == list(typos)
+    meant = [line for line, key in zip(lines, typos.values(), strict=True) if line.endswith(f"did you mean {key}?")]
+    assert len(meant) > len(typos) * 3 / 4, lines

@@ -37,7 +37,14 @@ def export_of_forward_that_fails(tmp: Path, toy: list, *args) -> None:
 
 MISTAKES = [
     # Config: typos and values that compose but make no sense, refused before any compute and any run folder.
-    Mistake("unknown key", ["trainer.max_step=10"], "Could not override 'trainer.max_step'"),
+    # A key that is not in the schema: Hydra's own message advises `+key=value`, which would add the typo.
+    Mistake("unknown key", ["trainer.max_step=10"], "trainer.max_step is not a config key: did you mean trainer.max_s"),
+    Mistake("unknown group key", ["optimzer.lr=1e-3"], "optimzer is not a config key: did you mean optimizer?"),
+    Mistake("key at the wrong level", ["max_steps=10"], "max_steps is not a config key: did you mean trainer.max_st"),
+    Mistake(
+        "unknown evaluate key", ["splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
+    ),
+    Mistake("unknown sweep key", ["sweep.n_trial=2"], "did you mean sweep.n_trials?", script="sweep.py"),
     Mistake("out of range", [TOY, "optimizer.lr=-1"], "optimizer.lr=-1.0 is out of range: it must be > 0"),
     Mistake("enum typo", [TOY, "trainer.mixed_precision=bf61"], "Invalid value 'bf61'"),
     Mistake(
@@ -185,12 +192,15 @@ ACCELERATE_LAUNCH = [accelerate_cli.__file__, "launch"]  # the `accelerate` comm
 LONG_RUN = [TOY, "trainer.max_steps=100000", "checks.enabled=false"]  # still training when Ctrl-C comes
 
 MISTAKES += [
-    # Config keys that the `+` and `++` forms add (Hydra's own message for the plain form suggests `+`).
+    # Config keys that the `+` and `++` forms add.
     Mistake("unknown key added", ["+trainer.max_step=10"], "trainer.max_step is not a config key: did you mean "),
     Mistake("unknown key forced", ["++trainer.max_step=10"], "did you mean trainer.max_steps?"),
-    Mistake("key at the wrong level", ["+max_steps=10"], "max_steps is not a config key: did you mean trainer.max_st"),
+    Mistake("key added at the wrong level", ["+max_steps=10"], "max_steps is not a config key: did you mean trainer."),
     Mistake(
-        "unknown evaluate key", ["+splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
+        "unknown evaluate key added",
+        ["+splti=test"],
+        "splti is not a config key: did you mean split?",
+        script="evaluate.py",
     ),
     Mistake("missing data file", [TOY, "data.files.train={tmp}/none.csv"], "data.files.train: no such file"),
     Mistake(

@@ -9,6 +9,7 @@ import difflib
 import functools
 import importlib
 import operator
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -307,20 +308,46 @@ def _unknown_keys(node: DictConfig, prefix: str, everywhere: list) -> list:
     if not is_dataclass(schema):
         return []
     names = [f.name for f in fields(schema)]
-    problems = []
-    for key in node.keys():
-        if key == "hydra" or key in names:
-            continue
-        close = difflib.get_close_matches(str(key), names, n=1)
-        elsewhere = [path for path in everywhere if path.rsplit(".", 1)[-1] == key]
-        suggestion = prefix + close[0] if close else (elsewhere or [None])[0]
-        hint = f"did you mean {suggestion}?" if suggestion else f"the keys here are {names}"
-        problems.append(f"{prefix}{key} is not a config key: {hint}")
+    problems = [_not_a_key(prefix, str(key), names, everywhere) for key in node.keys() if key not in [*names, "hydra"]]
     for name in names:
         child = node._get_node(name)
         if isinstance(child, DictConfig):
             problems += _unknown_keys(child, f"{prefix}{name}.", everywhere)
     return problems
+
+
+def _not_a_key(prefix: str, key: str, names: list, everywhere: list) -> str:
+    """`<prefix><key> is not a config key`, with the key of `names` (or of the whole schema, `everywhere`) it is
+    likely to be, or else the keys there are."""
+    close = difflib.get_close_matches(key, names, n=1)
+    elsewhere = [path for path in everywhere if path.rsplit(".", 1)[-1] == key]
+    suggestion = prefix + close[0] if close else (elsewhere or [None])[0]
+    hint = f"did you mean {suggestion}?" if suggestion else f"the keys here are {names}"
+    return f"{prefix}{key} is not a config key: {hint}"
+
+
+def refuse_unknown_overrides(schema: Any, config_dir: Path, overrides: list) -> None:
+    """A command-line `key=value` whose key is not in the schema is a ConfigError naming the key it is likely to be.
+    Hydra refuses it too, but advises `+key=value`, which adds the typo (and validation then refuses it): right
+    only for the free-form nodes (`task`, `model.config`, `data.files`), whose keys, like Hydra's own (`hydra.*`)
+    and the groups outside the schema (`experiment=`), are left to Hydra. Options (-m) and +, ++ and ~ are too."""
+    groups = [path.name for path in Path(config_dir).iterdir() if path.is_dir()]
+    everywhere = _schema_keys(schema)
+    problems = []
+    for override in overrides:
+        key = re.match(r"([A-Za-z_][\w.]*)=", override)
+        node, prefix = schema, ""
+        for part in key[1].split(".") if key else []:
+            if not is_dataclass(node):
+                break  # a free-form node
+            types = {f.name: f.type for f in fields(node)}
+            if part not in types:
+                if prefix or part not in [*groups, "hydra"]:
+                    problems.append(_not_a_key(prefix, part, list(types), everywhere))
+                break
+            node, prefix = types[part], f"{prefix}{part}."
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 def _schema_keys(schema: Any, prefix: str = "") -> list:
@@ -549,6 +576,13 @@ def yaml_mistake(error: yaml.YAMLError) -> str:
     return f"{where}: {getattr(error, 'problem', None) or error}"
 
 
+def refuse_before_compose(config_dir: Path, schema: Any, overrides: list) -> None:
+    """What Hydra would refuse with a traceback or a misleading hint, refused first in a message of ours: a config
+    file that is not valid YAML, a command-line key that is not in the schema."""
+    refuse_invalid_yaml(config_dir)
+    refuse_unknown_overrides(schema, config_dir, overrides)
+
+
 def refuse_invalid_yaml(config_dir: Path) -> None:
     """A config file that is not valid YAML, or that gives a key twice, is a ConfigError naming the file and line:
     Hydra would fail on it with PyYAML's traceback, forty frames deep. Every file, used by this run or not: an edit
@@ -595,7 +629,7 @@ def compose_train(config_dir: Path, overrides: list) -> DictConfig:
     """train.py's config of `overrides` composed outside train.py (rank_check.py, bench/parity.py) and validated; a
     group, key or value that is not there or not allowed is a ConfigError."""
     register_configs()
-    refuse_invalid_yaml(config_dir)
+    refuse_before_compose(config_dir, TrainConfig, overrides)
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
         try:
             cfg = compose(config_name="train", overrides=list(overrides))
