@@ -179,3 +179,38 @@ def test_a_misspelt_key_on_the_command_line_is_named_with_the_key_it_is_likely_t
     assert [line.split()[0] for line in lines] == list(typos)
     meant = [line for line, key in zip(lines, typos.values(), strict=True) if line.endswith(f"did you mean {key}?")]
     assert len(meant) > len(typos) * 3 / 4, lines
+
+
+# A value that names what is not there (an unset environment variable, a key, a resolver) -> the message's end.
+UNRESOLVABLE = {
+    "train.py data=files data.name=null data.files.train=${oc.env:UNSET_DIR}/train.csv": (
+        "data.files.train=${oc.env:UNSET_DIR}/train.csv cannot be resolved: \"Environment variable 'UNSET_DIR' not"
+    ),
+    "train.py trainer.max_steps=${trainer.max_stepz}": "Interpolation key 'trainer.max_stepz' not found",
+    "train.py optimizer.lr=${data.train_split}": "Value 'train' of type 'str' could not be converted to Float",
+    "train.py optimizer.lr=${env:LR}": "optimizer.lr=${env:LR} cannot be resolved: Unsupported interpolation type env",
+    "train.py hydra.run.dir=${oc.env:UNSET_DIR}/run": "hydra.run.dir=${oc.env:UNSET_DIR}/run cannot be resolved",
+    "train.py -m hydra.sweep.dir=${oc.env:UNSET_DIR}/sweep": "hydra.sweep.dir=${oc.env:UNSET_DIR}/sweep cannot be",
+    "evaluate.py model.name_or_path=${oc.env:UNSET_DIR}/model": "model.name_or_path=${oc.env:UNSET_DIR}/model cannot",
+    "sweep.py sweep.storage=${oc.env:UNSET_DIR}": "sweep.storage=${oc.env:UNSET_DIR} cannot be resolved",
+}
+
+
+@pytest.mark.parametrize("command", sorted(UNRESOLVABLE))
+def test_a_value_that_cannot_be_resolved_is_named_before_any_run_folder(command, tmp_path, monkeypatch, capsys):
+    """OmegaConf raises where the value is first used, with a traceback (Hydra's own, for the run folder)."""
+    monkeypatch.delenv("UNSET_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # where the run folder would be
+    script, *args = command.split()
+    code, output = run_in_process(script, args, capsys)
+    assert code == 1 and UNRESOLVABLE[command] in output and "Traceback" not in output, output
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_value_that_interpolates_the_run_folder_resolves_as_in_the_run(toy_overrides, tmp_path, capsys):
+    """`${hydra:runtime.output_dir}` (lightning-hydra-template's `paths.output_dir`) is only set as the run starts:
+    the validation before it resolves it to the run folder too."""
+    interpolated = "data.subset=${hydra:runtime.output_dir}/subset"
+    args = [*toy_overrides, "trainer.max_steps=1", interpolated, f"hydra.run.dir={tmp_path / 'run'}"]
+    code, output = run_in_process("train.py", args, capsys)
+    assert code == 0 and "cannot be resolved" not in output, output

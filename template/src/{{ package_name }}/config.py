@@ -9,6 +9,7 @@ import difflib
 import functools
 import importlib
 import operator
+import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -19,11 +20,18 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf, read_write
+from omegaconf.errors import (
+    ConfigKeyError,
+    GrammarParseError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from .errors import UserError, reported
 from .records import STATE_FILE, WEIGHTS_FILE
@@ -299,6 +307,32 @@ class ConfigError(UserError, ValueError):
     """A config value that composes but makes no sense."""
 
 
+def refuse(problems: list) -> None:
+    """Every problem found, in one ConfigError."""
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def unresolvable(node: DictConfig | ListConfig, prefix: str = "", keys: list | None = None) -> list:
+    """Each value whose interpolation (`${oc.env:DATA_DIR}/train.csv`, `${trainer.max_steps}`) cannot be resolved,
+    with why: OmegaConf would raise it, with a traceback, where the value is first used. Hydra's own node is left
+    out: ValidateConfig checks the run or sweep folder, which is what Hydra resolves of it before the run. `keys`:
+    only these keys of `node`."""
+    problems = []
+    for key in keys or (node.keys() if isinstance(node, DictConfig) else range(len(node))):
+        if prefix or key != "hydra":
+            try:
+                value = node[key]
+            except (InterpolationResolutionError, GrammarParseError) as error:
+                raw = node._get_node(key)._value()
+                why = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(error).splitlines()[0])
+                problems.append(f"{prefix}{key}={raw} cannot be resolved: {why}")
+                continue
+            if isinstance(value, DictConfig | ListConfig):
+                problems += unresolvable(value, f"{prefix}{key}.")
+    return problems
+
+
 def _unknown_keys(node: DictConfig, prefix: str, everywhere: list) -> list:
     """Keys that are not fields of the node's schema dataclass, as `+key=value` and `++key=value` add them (the
     plain form fails at compose time), so a typo never passes silently. Free-form nodes (`task`, whose keys
@@ -346,8 +380,7 @@ def refuse_unknown_overrides(schema: Any, config_dir: Path, overrides: list) -> 
                     problems.append(_not_a_key(prefix, part, list(types), everywhere))
                 break
             node, prefix = types[part], f"{prefix}{part}."
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    refuse(problems)
 
 
 def _schema_keys(schema: Any, prefix: str = "") -> list:
@@ -520,6 +553,7 @@ def _resume_allow_problems(cfg: DictConfig) -> list:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad value, before any compute is spent."""
+    refuse(unresolvable(cfg))
     schema = OmegaConf.get_type(cfg)
     problems = _unknown_keys(cfg, "", _schema_keys(schema)) if is_dataclass(schema) else []
     problems += range_problems(TrainConfig, cfg, "")
@@ -556,8 +590,7 @@ def validate(cfg: DictConfig) -> None:
             "trainer.mixed_precision=fp16 needs a CUDA GPU and none is in use here; "
             "use trainer.mixed_precision=bf16 (autocasts on CPU) or trainer.mixed_precision=no"
         )
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    refuse(problems)
 
 
 class ValidateConfig(Callback):
@@ -566,7 +599,17 @@ class ValidateConfig(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns exceptions in callbacks into warnings; `reported` exits (SystemExit), which really stops it.
         with reported():
+            refuse(unresolvable(config.hydra.run, "hydra.run.", ["dir"]))
+            # Set now what Hydra sets as the run starts, so a value that interpolates ${hydra:runtime.output_dir}
+            # (or any ${hydra:...}) resolves here as it will in the run.
+            with read_write(config.hydra.runtime):
+                config.hydra.runtime.output_dir = os.path.abspath(str(config.hydra.run.dir))
+            HydraConfig.instance().set_config(config)
             validate(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with reported():  # each job's config is validated as it starts (its sweep values differ)
+            refuse(unresolvable(config.hydra.sweep, "hydra.sweep.", ["dir"]))
 
 
 def yaml_mistake(error: yaml.YAMLError) -> str:
