@@ -202,7 +202,9 @@ def require_columns(dataset: Dataset, columns: dict) -> None:
     for key, column in columns.items():
         if column not in present:
             separator = next((s for s in ";\t|" if len(present) == 1 and s in present[0]), None)
-            hint = f"set {key}" if separator is None else f"one column: is it separated by {separator!r}, not commas?"
+            hint = f"set {key}; every split needs the column, evaluate.py's too: it scores against it"
+            if separator is not None:
+                hint = f"one column: is it separated by {separator!r}, not commas?"
             raise DataError(f"{source(dataset)} has no column {column!r}; its columns are {present} ({hint})")
         cells = dataset.with_format("arrow")[column]  # Arrow: nothing decoded (images, say)
         if cells.null_count:
