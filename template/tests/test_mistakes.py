@@ -494,6 +494,7 @@ def test_mistake_gets_one_clear_message_and_loses_nothing(
     if mistake.launcher:  # `accelerate launch` adds its own traceback for a failed process (not with --quiet)
         output = output.split("subprocess.CalledProcessError")[0].rsplit("Traceback", 1)[0]
     assert "Traceback" not in output, output
+    assert not [line for line in output.split("\n") if "%|" in line and "Error: " in line]  # not after a progress bar
     for path in mistake.on_disk:
         assert (tmp_path / path.format(tmp=tmp_path)).exists(), path
     if code != 0:  # a failure loses nothing: every file is still there, byte for byte

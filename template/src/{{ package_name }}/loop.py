@@ -396,13 +396,15 @@ def fit(run: Run) -> list:
     cfg, accelerator, state, trainer, guard = run.cfg, run.accelerator, run.state, run.trainer, run.guard
     checkpoint_every, checkpoint_dir = cfg.checkpoint.every_n_steps, run.run_dir / "checkpoints"
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
-    progress = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
     run.model.train()
     # One optimizer step per cycle of `gradient_accumulation_steps` micro-batches. Cycles run on across
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
     stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
     throughput = Throughput(accelerator, run.task)
-    with profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler:
+    # Closed however the loop ends, so that a message that stops the run (Ctrl-C, a non-finite loss) starts on a line
+    # of its own, after the bar.
+    bar = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
+    with bar as progress, profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler:
         first_step = state["step"]
         while state["step"] < trainer.max_steps and not state["stopped_early"]:
             cycle = throughput.next_cycle(stream, trainer.gradient_accumulation_steps)
@@ -431,7 +433,6 @@ def fit(run: Run) -> list:
                 if accelerator.is_main_process:
                     checkpoints.prune(checkpoint_dir, cfg.checkpoint, run.stopping.metric, run.stopping.mode)
     guard.check_all(accelerator, run.model)  # before finish evaluates and exports
-    progress.close()
     return guard.losses
 
 
