@@ -369,9 +369,9 @@ def refuse_unknown_overrides(schema: Any, config_dir: Path, overrides: list) -> 
     everywhere = _schema_keys(schema)
     problems = []
     for override in overrides:
-        key = re.match(r"([A-Za-z_][\w.]*)=", override)
+        given = re.match(r"([A-Za-z_][\w.]*)=", override)  # key=value; not +key=, ~key, group/option, -m
         node, prefix = schema, ""
-        for part in key[1].split(".") if key else []:
+        for part in given[1].split(".") if given else []:
             if not is_dataclass(node):
                 break  # a free-form node
             types = {f.name: f.type for f in fields(node)}
