@@ -5,12 +5,14 @@ import difflib
 import inspect
 import json
 import logging
+import os
 import textwrap
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from omegaconf import DictConfig, OmegaConf
@@ -221,8 +223,35 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
         # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
         # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
         config.architectures = config.architectures or []
+    refuse_beyond_memory(auto_class, config, f"model.model_type={cfg.model_type}")
+    with refused_config(f"a {cfg.model_type} model"):
         model = auto_class.from_config(config)
     return refuse_empty_layers(model, f"a {cfg.model_type} model")
+
+
+def refuse_beyond_memory(auto_class, config: PretrainedConfig, what: str) -> None:
+    """A model from scratch whose float32 weights alone exceed the memory free here (an architecture's default
+    sizes are often a 7B model's) is refused before it is built: the kernel would kill the process without a word,
+    minutes later. Each process of this machine builds its own. Where it trains on this CPU, gradients and AdamW's
+    two moments need three times more: a warning. Counted on the meta device, which allocates nothing."""
+    try:
+        with torch.device("meta"):
+            parameters = sum(tensor.numel() for tensor in auto_class.from_config(config).parameters())
+    except Exception:  # an architecture that cannot be built without real tensors: its real build will say
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    weights, free = parameters * 4 * processes, psutil.virtual_memory().available
+    size = f"{what} builds {parameters / 1e9:.2f}B parameters, {weights / 2**30:.1f} GiB of float32 weights"
+    size += f" for {processes} processes" if processes > 1 else ""
+    smaller = "give model.config smaller sizes (hidden_size, num_hidden_layers, ...; configs/model/ has small ones)"
+    if weights > free:
+        raise ConfigError(f"{size}, more than the {free / 2**30:.1f} GiB of memory free here; {smaller}")
+    if 4 * weights > free and not torch.cuda.is_available():
+        warn(
+            logger,
+            f"{size}; training them here needs about 4 times that, with gradients and AdamW's moments, "
+            f"and {free / 2**30:.1f} GiB are free: the system may kill the run. To avoid it, {smaller}",
+        )
 
 
 def refuse_task_keys(own: dict, task_values: dict) -> None:
