@@ -103,6 +103,21 @@ MISTAKES = [
         script="evaluate.py",
         prepare=export_of_forward_that_fails,
     ),
+    # Memory that runs out: said as such, with the keys that lower it, not as a model that cannot run.
+    *(
+        Mistake(
+            f"out of memory {where}",
+            [TOY, *args, "model._target_=test_mistakes.ForwardThatRunsOutOfMemory"],
+            "out of memory: [enforce fail at alloc_cpu.cpp:",
+            script=script,
+            prepare=export_of_forward_that_fails if script == "evaluate.py" else None,
+        )
+        for where, script, args in [
+            ("in a preflight check", "train.py", ["model.name_or_path=null", CHECKS_ON]),
+            ("at the first step", "train.py", ["model.name_or_path=null"]),
+            ("in an evaluation", "evaluate.py", ["model.name_or_path={tmp}/model"]),
+        ]
+    ),
     Mistake(
         "architecture misspelt",
         [TOY, "model.name_or_path=null", "model.model_type=lama"],
@@ -387,6 +402,13 @@ class ForwardThatFails(ForwardOfOtherNames):
 
     def forward(self, **inputs):
         return torch.nn.functional.linear(torch.ones(1, 5), torch.ones(2, 3))
+
+
+class ForwardThatRunsOutOfMemory(ForwardOfOtherNames):
+    """Your own module whose forward asks for more memory than any machine has (4 PiB): torch's allocator refuses."""
+
+    def forward(self, **inputs):
+        return torch.empty(2**50)
 
 
 # A model from scratch of a kind no task here has a class for (each task names its own Auto class), or with a key its

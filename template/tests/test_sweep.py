@@ -90,6 +90,16 @@ def test_a_trial_that_diverges_fails_in_one_line_and_the_sweep_goes_on(toy_overr
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("optuna") and r.levelname == "WARNING"]
 
 
+def test_a_trial_that_runs_out_of_memory_fails_in_one_line_and_the_sweep_goes_on(toy_overrides, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    own_module = ["model.name_or_path=null", "model._target_=test_mistakes.ForwardThatRunsOutOfMemory"]
+    output = sweep(folder, toy_overrides, capsys, "sweep.n_trials=2", "checks.enabled=false", *own_module)
+
+    assert [trial.state.name for trial in study_of(folder).trials] == ["FAIL", "FAIL"]
+    assert "trial 0 failed: out of memory: " in output and "trial 1 failed: out of memory: " in output
+    assert "Traceback" not in output
+
+
 def test_a_sweep_folder_whose_study_is_no_database_says_so(tmp_path, capsys):
     folder = tmp_path / "sweep"
     folder.mkdir()

@@ -31,6 +31,35 @@ class ModelError(UserError):
         return cls(f"the model raised {type(error).__name__} on {where}: {what} (HYDRA_FULL_ERROR=1 shows where)")
 
 
+class OutOfMemory(UserError):
+    """An allocation that failed, on the GPU or the CPU, while training or evaluating."""
+
+    @classmethod
+    def of(cls, error: BaseException) -> "OutOfMemory":
+        what = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        return cls(
+            f"out of memory: {what.rstrip('.')}. Lower data.batch_size (trainer.gradient_accumulation_steps=N keeps "
+            "the batch of each optimizer step), data.eval_batch_size where an evaluation ran out, or the model's "
+            "sizes; trainer.mixed_precision=bf16 halves the activations' memory. The checkpoints written so far are "
+            "untouched"
+        )
+
+
+def out_of_memory(error: BaseException | None) -> BaseException | None:
+    """The failed allocation that `error` is or comes from (a step may have worded it as a failure of its own, a
+    preflight check or a model that cannot run): Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS), the
+    RuntimeError of torch's CPU allocator. None if there is none."""
+    while error is not None:
+        words = str(error)
+        if not isinstance(error, UserError) and (
+            isinstance(error, MemoryError)
+            or (isinstance(error, RuntimeError) and ("out of memory" in words or "can't allocate memory" in words))
+        ):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class Interrupted(UserError):
     """Ctrl-C (SIGINT) or SIGTERM, with where the run stopped and what a resume would continue from."""
 
@@ -85,18 +114,22 @@ DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 @contextmanager
 def reported() -> Iterator[None]:
-    """Turn a UserError, Ctrl-C or a write the disk refused inside the block into "Error: <message>" on stderr and
-    SystemExit: 1 (130 for Ctrl-C). In a multi-process launch only the main process prints (every process raises the
-    same error)."""
+    """Turn a UserError, Ctrl-C, a write the disk refused or memory that ran out inside the block into "Error:
+    <message>" on stderr and SystemExit: 1 (130 for Ctrl-C). In a multi-process launch only the main process prints
+    (every process raises the same error)."""
     try:
         yield
-    except (UserError, KeyboardInterrupt, OSError) as error:
-        if isinstance(error, KeyboardInterrupt):
+    except (UserError, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as error:
+        if (allocation := out_of_memory(error)) is not None:
+            error = OutOfMemory.of(allocation)
+        elif isinstance(error, KeyboardInterrupt):
             error = Interrupted.of(error)
         elif isinstance(error, OSError) and not isinstance(error, UserError):
             if error.errno not in DISK_REFUSED:
                 raise
             error = UserError(f"could not write {error.filename or 'a file'}: {error.strerror}; free space there")
+        elif not isinstance(error, UserError):
+            raise
         if process_rank() == 0:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()

@@ -35,7 +35,7 @@ from .config import (
     to_container,
     validate,
 )
-from .errors import reported
+from .errors import OutOfMemory, UserError, out_of_memory, reported
 from .loop import EarlyStopping, NonFiniteLossError, train
 from .runs import flatten
 
@@ -316,10 +316,14 @@ class Objective:
         launch.reset_accelerate_state()
         try:
             result = train(cfg, trial_dir, on_evaluation=report)
-        except (NonFiniteLossError, PreflightError) as error:
-            # A trial that diverges, or whose values fail a preflight check (too low a learning rate to overfit a
-            # batch, say), fails and the sweep goes on: its reason in one line, where Optuna would log a traceback.
-            print(f"trial {trial.number} failed: {error}")
+        except (UserError, MemoryError, RuntimeError) as error:
+            # A trial that diverges, whose values fail a preflight check (too low a learning rate to overfit a batch,
+            # say) or run out of memory (a batch size too large) fails and the sweep goes on: its reason in one line,
+            # where Optuna would log a traceback.
+            allocation = out_of_memory(error)
+            if allocation is None and not isinstance(error, NonFiniteLossError | PreflightError):
+                raise
+            print(f"trial {trial.number} failed: {OutOfMemory.of(allocation) if allocation else error}")
             return float("nan")  # Optuna's mark of a failed trial
         finally:
             launch.reset_accelerate_state()
