@@ -219,10 +219,9 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     # A key that the architecture does not know becomes a new attribute of its config, which nothing reads.
     default = AutoConfig.for_model(cfg.model_type)
     refuse_unknown_keys([key for key in own if not hasattr(default, key) and key in config.to_dict()], default)
-    with refused_config(f"a {cfg.model_type} model"):
-        # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
-        # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
-        config.architectures = config.architectures or []
+    # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
+    # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
+    config.architectures = config.architectures or []
     refuse_beyond_memory(auto_class, config, f"model.model_type={cfg.model_type}")
     with refused_config(f"a {cfg.model_type} model"):
         model = auto_class.from_config(config)
@@ -235,9 +234,10 @@ def refuse_beyond_memory(auto_class, config: PretrainedConfig, what: str) -> Non
     minutes later. Each process of this machine builds its own. Where it trains on this CPU, gradients and AdamW's
     two moments need three times more: a warning. Counted on the meta device, which allocates nothing."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():  # the real build warns where there is a reason to
+            warnings.simplefilter("ignore")
             parameters = sum(tensor.numel() for tensor in auto_class.from_config(config).parameters())
-    except Exception:  # an architecture that cannot be built without real tensors: its real build will say
+    except Exception:  # a config the model refuses, or that needs real tensors: the real build says what is wrong
         return
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     weights, free = parameters * 4 * processes, psutil.virtual_memory().available
