@@ -404,6 +404,14 @@ class ForwardThatFails(ForwardOfOtherNames):
         return torch.nn.functional.linear(torch.ones(1, 5), torch.ones(2, 3))
 
 
+class PicksItsActivationByName(ForwardOfOtherNames):
+    """Your own module that looks up a model.config value in a table of its own, as modules do for activations."""
+
+    def __init__(self, activation: str = "relu", **config):
+        super().__init__(**config)
+        self.activation = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU}[activation]()
+
+
 class ForwardThatRunsOutOfMemory(ForwardOfOtherNames):
     """Your own module whose forward asks for more memory than any machine has (4 PiB): torch's allocator refuses."""
 
@@ -423,6 +431,11 @@ SCRATCH_MODEL_ROWS = [
         "misspelt key of an architecture from scratch",
         [TOY, "model.name_or_path=null", "+model.config.hiden_size=8"],
         "model.config.hiden_size (did you mean hidden_size",
+    ),
+    Mistake(  # any error its __init__ raises on model.config (a KeyError here) was a traceback, but a few kinds
+        "own module that looks up a value of model.config it does not have",
+        own_module("test_mistakes.PicksItsActivationByName", "+model.config.activation=swish"),
+        "model.config does not make test_mistakes.PicksItsActivationByName: KeyError: 'swish' (HYDRA_FULL_ERROR=1",
     ),
     Mistake(  # it failed at the first step, with a TypeError from the loop
         "own module whose forward names its inputs otherwise",
