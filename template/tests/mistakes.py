@@ -115,6 +115,17 @@ def embedding_table_cut_to(rows: int) -> Callable:
     return prepare
 
 
+def beyond_memory(group: str, width: str = "hidden_size", feed_forward: str = "intermediate_size") -> "Mistake":
+    """The row of a task's tiny model group (configs/model/<group>) built from scratch 65536 wide: some 100B
+    parameters, more memory than any machine has. Without a check, the kernel killed the run without a word."""
+    sizes = [f"model.config.{width}=65536", f"model.config.{feed_forward}=262144"]
+    return Mistake(
+        "a model from scratch beyond this machine's memory",
+        [TOY, f"model={group}", "model.name_or_path=null", *sizes],
+        "GiB of float32 weights, more than the ",
+    )
+
+
 def set_by_the_task(setting: str) -> "Mistake":
     """The row of a task whose model from scratch gets `setting`, a key=value of model.config, from the task itself:
     another value would be overridden without a word."""
