@@ -284,8 +284,8 @@ def toy_overrides(toys, default_task):
 @pytest.fixture(scope="session")
 def pkg():
     """The project's package modules (tests stay free of the package name)."""
-    names = "checkpoints checks config data launch loop modeling optim records run_folder runs tasks.base".split()
-    return SimpleNamespace(**{name.replace(".", "_"): importlib.import_module(f"{PACKAGE}.{name}") for name in names})
+    names = "checkpoints checks config data errors launch loop modeling optim records run_folder runs tasks.base"
+    return SimpleNamespace(**{n.replace(".", "_"): importlib.import_module(f"{PACKAGE}.{n}") for n in names.split()})
 
 
 @pytest.fixture(scope="session")

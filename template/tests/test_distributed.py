@@ -184,3 +184,17 @@ def test_slurm_launcher_config_composes(make_config):
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 1, 1)  # one process per job
     assert launcher.submitit_folder.startswith("multirun/")  # resolves: inside the sweep folder
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_memory_that_runs_out_in_one_process_is_said_by_that_process(pkg, monkeypatch, capsys, rank):
+    """On GPUs one process can run out alone, while the others wait for it: it says so itself, with its rank. An
+    error that every process raises (a config value, say) is printed by the main process alone."""
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as stop, pkg.errors.reported():
+        torch.empty(2**50)  # 4 PiB: torch's allocator refuses
+    printed = capsys.readouterr().err
+    assert stop.value.code == 1 and printed.startswith(f"Error{' (rank 1)' if rank == '1' else ''}: out of memory: ")
+    with pytest.raises(SystemExit), pkg.errors.reported():
+        raise pkg.config.ConfigError("a config value")
+    assert capsys.readouterr().err == ("" if rank == "1" else "Error: a config value\n")

@@ -116,7 +116,7 @@ DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 def reported() -> Iterator[None]:
     """Turn a UserError, Ctrl-C, a write the disk refused or memory that ran out inside the block into "Error:
     <message>" on stderr and SystemExit: 1 (130 for Ctrl-C). In a multi-process launch only the main process prints
-    (every process raises the same error)."""
+    (every process raises the same error), but any process whose memory ran out says so, with its rank."""
     try:
         yield
     except (UserError, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as error:
@@ -130,8 +130,9 @@ def reported() -> Iterator[None]:
             error = UserError(f"could not write {error.filename or 'a file'}: {error.strerror}; free space there")
         elif not isinstance(error, UserError):
             raise
-        if process_rank() == 0:
+        rank = process_rank()
+        if rank == 0 or isinstance(error, OutOfMemory):  # memory runs out in one process, not in all of them
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()
-            print(f"Error: {error}", file=sys.stderr, flush=True)
+            print(f"Error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr, flush=True)
         raise SystemExit(error.exit_code) from None
