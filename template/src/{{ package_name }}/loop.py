@@ -401,10 +401,10 @@ def fit(run: Run) -> list:
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
     stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
     throughput = Throughput(accelerator, run.task)
-    # Closed however the loop ends, so that a message that stops the run (Ctrl-C, a non-finite loss) starts on a line
-    # of its own, after the bar.
+    # The bar is closed however the loop ends, before the profiler reports, so that what is printed next (its report, a
+    # message that stops the run: Ctrl-C, a non-finite loss) starts on a line of its own.
     bar = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
-    with bar as progress, profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler:
+    with profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler, bar as progress:
         first_step = state["step"]
         while state["step"] < trainer.max_steps and not state["stopped_early"]:
             cycle = throughput.next_cycle(stream, trainer.gradient_accumulation_steps)
