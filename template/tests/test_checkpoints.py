@@ -1,6 +1,7 @@
 """Checkpoints survive crashes and corruption; runs stop cleanly on early stopping or a bad loss."""
 
 import json
+import re
 import signal
 import time
 
@@ -349,6 +350,10 @@ def test_run_killed_by_sigkill_resumes_losing_only_steps_since_its_last_checkpoi
     found = pkg.checkpoints.list_complete(run_dir / "checkpoints")
     assert len(found) >= 2, "the run made no checkpoints before the deadline"
     last = pkg.checkpoints.read_record(found[-1])["trainer"]["step"]
+    # Its output, as a terminal shows it (a progress bar redraws its line after each \r): log lines above the bar.
+    shown = re.split(r"[\r\n]", (tmp_path / "killed.out").read_text())
+    assert [line for line in shown if "checkpoint saved" in line]
+    assert not [line for line in shown if "checkpoint saved" in line and "%|" in line]
 
     # Resume the killed run in its own folder and go 5 steps beyond its last checkpoint...
     until = [*endless[:-1], f"trainer.max_steps={last + 5}"]

@@ -18,6 +18,7 @@ from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulation
 from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoints, launch, profiling, run_folder
 from .checks import run_preflight_checks
@@ -401,10 +402,12 @@ def fit(run: Run) -> list:
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
     stream = micro_batches(accelerator, run.train_dl, state["batches_seen"])
     throughput = Throughput(accelerator, run.task)
-    # The bar is closed however the loop ends, before the profiler reports, so that what is printed next (its report, a
-    # message that stops the run: Ctrl-C, a non-finite loss) starts on a line of its own.
+    # Log lines (an evaluation, a checkpoint) print above the bar, not after it on its line; the bar is closed
+    # however the loop ends, before the profiler reports, so that what comes next (its report, a message that stops
+    # the run: Ctrl-C, a non-finite loss) starts on a line of its own.
     bar = tqdm(total=trainer.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process)
-    with profiling.profiled(accelerator, trainer, run.run_dir, state["step"]) as profiler, bar as progress:
+    profiled = profiling.profiled(accelerator, trainer, run.run_dir, state["step"])
+    with logging_redirect_tqdm(), profiled as profiler, bar as progress:
         first_step = state["step"]
         while state["step"] < trainer.max_steps and not state["stopped_early"]:
             cycle = throughput.next_cycle(stream, trainer.gradient_accumulation_steps)
