@@ -216,7 +216,7 @@ def test_a_value_that_interpolates_the_run_folder_resolves_as_in_the_run(toy_ove
     assert code == 0 and "cannot be resolved" not in output, output
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "sweep.py"])
+@pytest.mark.parametrize("script", ["train.py", "sweep.py"])  # evaluate.py has train.py's groups
 def test_help_lists_the_groups_and_says_which_folders_are_not_groups_of_the_command(script, capsys):
     code, output = run_in_process(script, ["--help"], capsys)
     assert code == 0 and "task: " in output and "optimizer: adamw, sgd" in output, output
