@@ -35,29 +35,25 @@ class OutOfMemory(UserError):
     """An allocation that failed, on the GPU or the CPU, while training or evaluating."""
 
     @classmethod
-    def of(cls, error: BaseException) -> "OutOfMemory":
-        what = next(iter(str(error).strip().splitlines()), type(error).__name__)
-        return cls(
-            f"out of memory: {what.rstrip('.')}. Lower data.batch_size (trainer.gradient_accumulation_steps=N keeps "
-            "the batch of each optimizer step), data.eval_batch_size where an evaluation ran out, or the model's "
-            "sizes; trainer.mixed_precision=bf16 halves the activations' memory. The checkpoints written so far are "
-            "untouched"
-        )
-
-
-def out_of_memory(error: BaseException | None) -> BaseException | None:
-    """The failed allocation that `error` is or comes from (a step may have worded it as a failure of its own, a
-    preflight check or a model that cannot run): Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS), the
-    RuntimeError of torch's CPU allocator. None if there is none."""
-    while error is not None:
-        words = str(error)
-        if not isinstance(error, UserError) and (
-            isinstance(error, MemoryError)
-            or (isinstance(error, RuntimeError) and ("out of memory" in words or "can't allocate memory" in words))
-        ):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+    def within(cls, error: BaseException | None) -> "OutOfMemory | None":
+        """The OutOfMemory of the failed allocation that `error` is or comes from (a step may have worded it as a
+        failure of its own, a preflight check or a model that cannot run): Python's MemoryError, torch's
+        OutOfMemoryError (CUDA, MPS), the RuntimeError of torch's CPU allocator. None if there is none."""
+        while error is not None:
+            words = str(error)
+            if not isinstance(error, UserError) and (
+                isinstance(error, MemoryError)
+                or (isinstance(error, RuntimeError) and ("out of memory" in words or "can't allocate memory" in words))
+            ):
+                what = next(iter(words.strip().splitlines()), type(error).__name__)
+                return cls(
+                    f"out of memory: {what.rstrip('.')}. Lower data.batch_size (trainer.gradient_accumulation_steps=N "
+                    "keeps the batch of each optimizer step), data.eval_batch_size where an evaluation ran out, or the "
+                    "model's sizes; trainer.mixed_precision=bf16 halves the activations' memory. The checkpoints "
+                    "written so far are untouched"
+                )
+            error = error.__cause__ or error.__context__
+        return None
 
 
 class Interrupted(UserError):
@@ -120,8 +116,8 @@ def reported() -> Iterator[None]:
     try:
         yield
     except (UserError, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as error:
-        if (allocation := out_of_memory(error)) is not None:
-            error = OutOfMemory.of(allocation)
+        if (ran_out := OutOfMemory.within(error)) is not None:
+            error = ran_out
         elif isinstance(error, KeyboardInterrupt):
             error = Interrupted.of(error)
         elif isinstance(error, OSError) and not isinstance(error, UserError):

@@ -35,7 +35,7 @@ from .config import (
     to_container,
     validate,
 )
-from .errors import OutOfMemory, UserError, out_of_memory, reported
+from .errors import OutOfMemory, UserError, reported
 from .loop import EarlyStopping, NonFiniteLossError, train
 from .runs import flatten
 
@@ -320,10 +320,10 @@ class Objective:
             # A trial that diverges, whose values fail a preflight check (too low a learning rate to overfit a batch,
             # say) or run out of memory (a batch size too large) fails and the sweep goes on: its reason in one line,
             # where Optuna would log a traceback.
-            allocation = out_of_memory(error)
-            if allocation is None and not isinstance(error, NonFiniteLossError | PreflightError):
+            ran_out = OutOfMemory.within(error)
+            if ran_out is None and not isinstance(error, NonFiniteLossError | PreflightError):
                 raise
-            print(f"trial {trial.number} failed: {OutOfMemory.of(allocation) if allocation else error}")
+            print(f"trial {trial.number} failed: {ran_out or error}")
             return float("nan")  # Optuna's mark of a failed trial
         finally:
             launch.reset_accelerate_state()
