@@ -168,7 +168,11 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
         (["sweep.storage=study.db"], "sweep.storage=study.db: Could not parse SQLAlchemy URL"),  # a path, no URL
         (["sweep.seed=-1"], "sweep.seed=-1 is out of range: it must be >= 0"),
         (["trainer.eval_every_n_steps=0"], "sweep.pruner=median needs evaluations during training"),
-        (["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"], "optimizer.lrr"),
+        (  # a search over a key that train.py's config does not have: misspelt, or at the wrong level
+            ["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"],
+            "sweep.params.optimizer.lrr is not a config key: did you mean sweep.params.optimizer.lr?",
+        ),
+        (["+sweep.params.lr={type:float,low:0.1,high:0.2}"], "sweep.params.lr is not a config key: did you mean sweep."),
         (  # a group's options are files with keys of their own: not a value to set
             ["+sweep.params.scheduler={type:categorical,choices:[linear,cosine]}"],
             "sweep.params.scheduler names a config group, whose options are files: a sweep tries values of keys",

@@ -366,21 +366,25 @@ def refuse_unknown_overrides(schema: Any, config_dir: Path, overrides: list) -> 
     only for the free-form nodes (`task`, `model.config`, `data.files`), whose keys, like Hydra's own (`hydra.*`)
     and the groups outside the schema (`experiment=`), are left to Hydra. Options (-m) and +, ++ and ~ are too."""
     groups = [path.name for path in Path(config_dir).iterdir() if path.is_dir()]
-    everywhere = _schema_keys(schema)
-    problems = []
-    for override in overrides:
-        given = re.match(r"([A-Za-z_][\w.]*)=", override)  # key=value; not +key=, ~key, group/option, -m
-        node, prefix = schema, ""
-        for part in given[1].split(".") if given else []:
-            if not is_dataclass(node):
-                break  # a free-form node
-            types = {f.name: f.type for f in fields(node)}
-            if part not in types:
-                if prefix or part not in [*groups, "hydra"]:
-                    problems.append(_not_a_key(prefix, part, list(types), everywhere))
-                break
-            node, prefix = types[part], f"{prefix}{part}."
-    refuse(problems)
+    given = [match[1] for override in overrides if (match := re.match(r"([A-Za-z_][\w.]*)=", override))]
+    refuse([problem for key in given if (problem := unknown_key(schema, key, [*groups, "hydra"]))])
+
+
+def unknown_key(schema: Any, key: str, allowed: list = (), shown_as: str = "") -> str | None:
+    """What is wrong with the dotted `key` of a schema dataclass (see _not_a_key), or None: a key of the schema, a
+    key under one of its free-form nodes, or a first part in `allowed`. `shown_as`: a prefix to name the key
+    with (the sweep's `sweep.params.`), suggestions included."""
+    node, prefix = schema, shown_as
+    for part in key.split("."):
+        if not is_dataclass(node):
+            return None  # a free-form node
+        types = {f.name: f.type for f in fields(node)}
+        if part not in types:
+            if prefix != shown_as or part not in allowed:
+                return _not_a_key(prefix, part, list(types), [shown_as + path for path in _schema_keys(schema)])
+            return None
+        node, prefix = types[part], f"{prefix}{part}."
+    return None
 
 
 def _schema_keys(schema: Any, prefix: str = "") -> list:

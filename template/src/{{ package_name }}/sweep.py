@@ -33,6 +33,7 @@ from .config import (
     build_task,
     range_problems,
     to_container,
+    unknown_key,
     validate,
 )
 from .errors import OutOfMemory, UserError, reported
@@ -185,7 +186,8 @@ def check(cfg: DictConfig, sweep_dir: Path) -> dict:
     if not space:
         problems.append("sweep.params is empty: name the config keys to search, as configs/sweep/default.yaml does")
     for key, dimension in space.items():
-        problems += dimension_problems(key, dimension, sweep.sampler)
+        misspelt = unknown_key(TrainConfig, key, shown_as="sweep.params.")  # a key of train.py's config?
+        problems += [misspelt] if misspelt else dimension_problems(key, dimension, sweep.sampler)
     if sweep.pruner != PrunerName.none and not cfg.trainer.eval_every_n_steps:
         problems.append(
             f"sweep.pruner={sweep.pruner.value} needs evaluations during training to compare trials: "
