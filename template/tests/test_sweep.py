@@ -172,7 +172,7 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
             ["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"],
             "sweep.params.optimizer.lrr is not a config key: did you mean sweep.params.optimizer.lr?",
         ),
-        (["+sweep.params.lr={type:float,low:0.1,high:0.2}"], "sweep.params.lr is not a config key: did you mean sweep."),
+        (["+sweep.params.lr={type:float,low:0.1,high:0.2}"], "sweep.params.lr is not a config key: did you mean "),
         (  # a group's options are files with keys of their own: not a value to set
             ["+sweep.params.scheduler={type:categorical,choices:[linear,cosine]}"],
             "sweep.params.scheduler names a config group, whose options are files: a sweep tries values of keys",
