@@ -59,7 +59,8 @@ def test_a_checkpoint_of_another_task_than_the_default_names_the_task_to_add(
     pkg.loop.train(make_config(*toys(other), "checkpoint.every_n_steps=2", "trainer.max_steps=2"), tmp_path / "run")
     reset_accelerate_state()
     checkpoint = f"checkpoint_path='{tmp_path / 'run' / 'checkpoints' / 'step_00000002'}'"
-    cfg = make_config(checkpoint, "trainer.log_with=none", config_name="evaluate")  # the default task's data
+    # The default task, with its data (not the checkpoint's task): under `pytest --task X`, X.
+    cfg = make_config(f"task={default_task}", checkpoint, "trainer.log_with=none", config_name="evaluate")
     with pytest.raises(pkg.data.DataError, match=f"holds a run of task={other}, .* add task={other} for the data"):
         pkg.loop.evaluate_saved(cfg, tmp_path / "evaluated")
 

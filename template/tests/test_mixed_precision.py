@@ -10,9 +10,11 @@ from safetensors.torch import load_file
 # toy). Later, training amplifies the rounding: one text init drifted 2.4e-2 apart at step 27 (which once failed a
 # fixed 1e-2 bound when the toy's init depended on the tests that ran before it), one causal-LM init 0.48 (16%), yet
 # every init ends at the same accuracy, and perplexities stay within 3.3%. So: tight where rounding alone acts, and
-# the same destination.
+# the same destination: final validation losses apart by at most a tenth of the loss the runs start from (measured
+# on 4 inits of each task: at most 0.15%, a causal LM's; a relative bound on the metric would fail a metric that
+# heads for 0, a regression's error, where bf16's rounding is a floor).
 EARLY_STEPS, EARLY_RELATIVE = 10, 1e-2
-FINAL_METRIC_RELATIVE = 0.1
+FINAL_LOSS_SHARE = 0.1
 
 
 def test_bf16_autocasts_and_its_losses_track_fp32(pkg, make_config, toy_overrides, tmp_path):
@@ -22,8 +24,8 @@ def test_bf16_autocasts_and_its_losses_track_fp32(pkg, make_config, toy_override
     assert bf16["losses"] != fp32["losses"]  # autocast is on: fp16 on a CPU, by contrast, silently computes in fp32
     early = zip(bf16["losses"][:EARLY_STEPS], fp32["losses"][:EARLY_STEPS])
     assert all(abs(a - b) <= EARLY_RELATIVE * abs(b) for a, b in early), (bf16["losses"], fp32["losses"])
-    monitor = fp32["monitor"]
-    assert bf16["metrics"][monitor] == pytest.approx(fp32["metrics"][monitor], rel=FINAL_METRIC_RELATIVE)
+    final = bf16["metrics"]["loss"], fp32["metrics"]["loss"]
+    assert abs(final[0] - final[1]) <= FINAL_LOSS_SHARE * fp32["losses"][0], (final, fp32["losses"][0])
     weights = load_file(tmp_path / "bf16" / "model" / "model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # autocast leaves fp32 master weights
 

@@ -202,44 +202,43 @@ def check_inputs(run, batches: list) -> str:
     device-side assert instead of an error message."""
     task, model = run.task, run.accelerator.unwrap_model(run.model)
     problems = (task.input_problem(model, batch) for batch in batches)
-    expected = (
-        f"tokens with ids inside the embedding table, finite values, and labels in [0, {task.num_outputs(model)}) "
-        f"or ignored, in {len(batches)} batches"
-    )
+    ids = not batches or not batches[0].get("labels", torch.zeros(())).is_floating_point()  # else real-valued targets
+    labels = f"labels in [0, {task.num_outputs(model)}) or ignored" if ids else "labels"
+    expected = f"tokens with ids inside the embedding table, finite values, and {labels}, in {len(batches)} batches"
     verdict(run.accelerator, "inputs", expected, next((p for p in problems if p is not None), None))
     return f"{len(batches)} batches"
 
 
 def check_init_loss(run, batches: list) -> str:
-    """The untrained model predicts about uniformly, so its loss is near ln(number of outputs) (the task's
-    `expected_init_loss`: classes for a classifier, the vocabulary for generated text).
+    """The untrained model's loss is near the task's `expected_init_loss`: for most tasks it predicts about
+    uniformly, so ln(number of outputs) (classes for a classifier, the vocabulary for generated text).
 
     A pretrained body with a new random head predicts about uniformly too. Far off means a broken head, a
     wrong label count, or labels that leak into the inputs; a head trained before is also far off.
     """
-    uniform, cfg = run.task.expected_init_loss(run.accelerator.unwrap_model(run.model)), run.cfg.checks
-    if uniform is None:
-        return "skipped: the task expects no particular loss from this model (a pretrained one)"
+    model, cfg = run.accelerator.unwrap_model(run.model), run.cfg.checks
+    initial = run.task.expected_init_loss(model)
+    if initial is None:
+        return "skipped: the task expects no particular loss from this model (a pretrained one, say)"
     loss = mean_over_processes(run, eval_loss(run.task, run.model, batches))
-    tolerance = cfg.init_loss_tolerance * uniform
+    tolerance, outputs = cfg.init_loss_tolerance * initial, run.task.num_outputs(model)
+    why = ", the task's expected_init_loss"
+    if math.isclose(initial, math.log(outputs)):
+        why = f" = ln({outputs}), the loss of uniform predictions"
     expected = (
         f"the mean loss of the untrained model on {len(batches)} training batches within {tolerance:.4g} of "
-        f"{uniform:.4g} = ln({math.exp(uniform):.0f}), the loss of uniform predictions "
-        f"(checks.init_loss_tolerance={cfg.init_loss_tolerance} of it)"
+        f"{initial:.4g}{why} (checks.init_loss_tolerance={cfg.init_loss_tolerance} of it)"
     )
-    verdict(run.accelerator, "init_loss", expected, None if abs(loss - uniform) <= tolerance else f"{loss:.4g}")
-    return f"loss {loss:.4f}, uniform {uniform:.4f}"
+    verdict(run.accelerator, "init_loss", expected, None if abs(loss - initial) <= tolerance else f"{loss:.4g}")
+    return f"loss {loss:.4f}, expected {initial:.4f}"
 
 
 def check_validation(run, batches: list, evaluate) -> str:
     """The loop's own `evaluate` runs end to end on a few validation batches and every metric is finite."""
     expected = f"the evaluation to run end to end on {len(batches)} validation batches with finite metrics"
     training = run.model.training
-    try:
+    try:  # a model that cannot run fails as in the other checks (run_preflight_checks words it)
         metrics = evaluate(run.model, batches)
-    except Exception as error:
-        # Not gathered: the other processes may be stuck in the evaluation's collectives already.
-        fail("validation", expected, f"{type(error).__name__}: {error}")
     finally:
         run.model.train(training)
     bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}

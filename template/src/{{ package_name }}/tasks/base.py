@@ -53,8 +53,9 @@ class Task:
     labels: ClassVar[list | None] = None
 
     def collate(self, examples: list) -> dict:
-        """Override: a batch of tensors from a list of examples. `labels` holds the targets, IGNORE_INDEX where
-        no loss is taken; every other key is passed to the model's forward."""
+        """Override: a batch of tensors from a list of examples. `labels` holds the targets: integers are class
+        (or token) ids below `num_outputs`, IGNORE_INDEX where no loss is taken; floats are real-valued targets (a
+        regression, with its own `loss`). Every other key is passed to the model's forward."""
         raise NotImplementedError
 
     # Model -----------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class Task:
 
     def input_problem(self, model, batch: dict) -> str | None:
         """What is wrong with a batch before any forward pass (on a GPU a bad id is an opaque device assert):
-        no tokens, token ids outside the embedding table, labels outside [0, outputs), non-finite values. None if
+        no tokens, token ids outside the embedding table, class ids outside [0, outputs), non-finite values. None if
         fine."""
         ids = batch.get("input_ids")
         if ids is not None and not ids.numel():  # seen with a tokenizer transformers built in place of the saved one
@@ -124,6 +125,8 @@ class Task:
         labels = batch.get("labels")
         if labels is None:
             return "a batch without labels"
+        if labels.is_floating_point():  # real-valued targets: any finite value (checked above)
+            return None
         real = labels[labels != IGNORE_INDEX]
         outputs = self.num_outputs(model)
         if real.numel() and (real.min() < 0 or real.max() >= outputs):
@@ -211,9 +214,10 @@ def call_problem(function, arguments: dict) -> str | None:
 
 
 def _refuse_ids_past_the_model(task: Task, model, splits: dict, name_or_path: str | None) -> None:
-    """Refuse data with token ids that the model's embedding table has no row for, or labels past its outputs, in
-    any of `splits`: the first batch that holds one fails deep in the model (an index error; on a GPU, a device
-    assert), hours into a run maybe. The preflight check `inputs` sees a few batches; this reads every example."""
+    """Refuse data with token ids that the model's embedding table has no row for, or class (token) ids as labels
+    past its outputs, in any of `splits`: the first batch that holds one fails deep in the model (an index error; on
+    a GPU, a device assert), hours into a run maybe. The preflight check `inputs` sees a few batches; this reads
+    every example. Labels that are not integers are real-valued targets, without a range."""
     limits = {
         "input_ids": (embedding_rows(model), "rows in its embedding table"),
         "labels": (task.num_outputs(model), "outputs"),
@@ -225,6 +229,8 @@ def _refuse_ids_past_the_model(task: Task, model, splits: dict, name_or_path: st
             values = split.with_format("arrow")[column]
             while isinstance(values.type, pa.ListType | pa.LargeListType | pa.FixedSizeListType):
                 values = pc.list_flatten(values)
+            if not pa.types.is_integer(values.type):
+                continue
             extremes = pc.min_max(values)  # over the column as it is: a filtered copy of a large corpus is gigabytes
             low, high = extremes["min"].as_py(), extremes["max"].as_py()
             low = 0 if low == IGNORE_INDEX else low  # positions without a loss
