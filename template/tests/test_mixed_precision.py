@@ -1,6 +1,5 @@
 """Mixed precision: bf16 really runs (also on a CPU) and trains like fp32. fp16 without a GPU: see test_config.py."""
 
-import pytest
 import torch
 from conftest import reset_accelerate_state
 from safetensors.torch import load_file
