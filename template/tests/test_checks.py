@@ -84,12 +84,13 @@ def test_init_loss_far_from_uniform_names_both_numbers(pkg, make_config, toy_ove
     broken = save_broken_copy(toy_overrides, tmp_path / "model", lambda weight: weight * 30)  # over-confident
     cfg = make_config(*toy_overrides, f"model.name_or_path='{broken}'")  # the later override wins
     run = pkg.loop.setup(cfg, tmp_path / "setup")
-    if run.task.expected_init_loss(run.accelerator.unwrap_model(run.model)) is None:
+    initial = run.task.expected_init_loss(run.accelerator.unwrap_model(run.model))
+    if initial is None:
         # A saved language model may have learnt anything (its task tests the check on a model from scratch).
         pytest.skip("the task expects no particular initial loss from a saved model")
     with pytest.raises(checks.PreflightError) as error:
         pkg.loop.train(cfg, tmp_path / "run")
-    assert_names_check(error, "init_loss", "the loss of uniform predictions", " = ln(")
+    assert_names_check(error, "init_loss", "the mean loss of the untrained model", f" of {initial:.4g}")
 
 
 def test_validation_with_non_finite_metrics_fails(pkg, make_config, toy_overrides, tmp_path):
@@ -171,7 +172,8 @@ def test_inputs_out_of_range_fail_before_any_forward_pass(toy, key, value):
     with pytest.raises(checks.PreflightError) as error:
         checks.check_inputs(setup.run, setup.batches)
     seen = f"to {value}" if value > 0 else "from -1"
-    assert_names_check(error, "inputs", f"labels in [0, {outputs}) or ignored", seen)
+    expected = f"labels in [0, {outputs}) or ignored" if key == "labels" else "ids inside the embedding table"
+    assert_names_check(error, "inputs", expected, seen)
 
 
 def test_inputs_without_tokens_fail(toy):
