@@ -44,7 +44,8 @@ def test_a_saved_model_computes_in_memory_aligned_as_torch_aligns_its_own(pkg, m
     digit, so its exported model did not evaluate to what training reported (the toys above happen to agree)."""
     model = pkg.loop.setup(make_config(*toys(task)), tmp_path / "setup").model
     assert toy_model(toys(task)).is_dir()  # the model of the toy run is a saved one
-    assert [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.data_ptr() % 64] == []
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert [name for name, tensor in tensors if tensor.data_ptr() % 64] == []
 
 
 def test_evaluate_command_line_writes_metrics_and_predictions_into_its_own_folder(
