@@ -99,5 +99,5 @@ def test_a_regression_trains_with_the_checks_on_and_evaluates_to_what_training_r
         regression(make_config, tmp_path, exported, config_name="evaluate"), tmp_path / "e"
     )
     assert evaluated["metrics"] == trained["metrics"]
-    # It learnt: at most half the error of predicting the mean (0.4 for lengths uniform over 2 to 14, about).
+    # It learnt: 0.026 here, against 0.37 for predicting the mean length.
     assert trained["metrics"]["rmse"] < 0.2, trained["metrics"]
