@@ -202,7 +202,8 @@ def check_inputs(run, batches: list) -> str:
     device-side assert instead of an error message."""
     task, model = run.task, run.accelerator.unwrap_model(run.model)
     problems = (task.input_problem(model, batch) for batch in batches)
-    ids = not batches or not batches[0].get("labels", torch.zeros(())).is_floating_point()  # else real-valued targets
+    first = batches[0].get("labels") if batches else None
+    ids = first is None or not first.is_floating_point()  # class or token ids; floats are real-valued targets
     labels = f"labels in [0, {task.num_outputs(model)}) or ignored" if ids else "labels"
     expected = f"tokens with ids inside the embedding table, finite values, and {labels}, in {len(batches)} batches"
     verdict(run.accelerator, "inputs", expected, next((p for p in problems if p is not None), None))

@@ -380,9 +380,9 @@ def unknown_key(schema: Any, key: str, allowed: list = (), shown_as: str = "") -
             return None  # a free-form node
         types = {f.name: f.type for f in fields(node)}
         if part not in types:
-            if prefix != shown_as or part not in allowed:
-                return _not_a_key(prefix, part, list(types), [shown_as + path for path in _schema_keys(schema)])
-            return None
+            if prefix == shown_as and part in allowed:  # at the top, where the groups outside the schema are
+                return None
+            return _not_a_key(prefix, part, list(types), [shown_as + path for path in _schema_keys(schema)])
         node, prefix = types[part], f"{prefix}{part}."
     return None
 
