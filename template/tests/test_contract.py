@@ -39,7 +39,7 @@ class TextRegression(base.Task):
         def encode(batch):
             return {**self.processor(batch[self.text_column]), "labels": [float(t) for t in batch[self.target_column]]}
 
-        return splits.map(encode, batched=True, remove_columns=splits["train"].column_names)
+        return data.map_splits(splits, encode)
 
     def collate(self, examples):
         batch = self._pad(examples)

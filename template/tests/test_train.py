@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import run_in_process, toy_model
+from conftest import TASKS, run_in_process, toy_model
 from safetensors.torch import load_file
 
 
@@ -90,3 +90,14 @@ def test_relative_paths_are_read_from_where_the_command_ran_also_with_hydra_job_
         assert code == 0, output[-3000:]
     trained, resumed = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("run", "resumed"))
     assert all(torch.equal(trained[name], resumed[name]) for name in trained)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_training_file_with_a_column_the_validation_file_lacks_trains(pkg, make_config, toys, tmp_path, task):
+    """Each split is prepared with its own columns. An extra column in one file (an id; pandas' index, which a parquet
+    file written from a shuffled DataFrame holds as __index_level_0__) was a ValueError traceback: `Column to remove
+    ['__index_level_0__'] not in the dataset`, the training split's columns removed from every split."""
+    train = pkg.data.load_raw(make_config(*toys(task)).data, {})["train"]
+    train.add_column("__index_level_0__", list(range(len(train)))).to_parquet(tmp_path / "train.parquet")
+    cfg = make_config(*toys(task), f"data.files.train={tmp_path / 'train.parquet'}", "trainer.max_steps=2")
+    assert pkg.loop.train(cfg, tmp_path / "run")["step"] == 2

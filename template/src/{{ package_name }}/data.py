@@ -195,6 +195,14 @@ def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: 
     return DatasetDict({**splits, **others})
 
 
+def map_splits(splits: DatasetDict, function: Callable) -> DatasetDict:
+    """`function` over batches of each split, its output in place of the split's columns. Each split's own columns:
+    a split may have more than train's (an id column in one file, pandas' index in a parquet file)."""
+    return DatasetDict(
+        {name: split.map(function, batched=True, remove_columns=split.column_names) for name, split in splits.items()}
+    )
+
+
 def require_columns(dataset: Dataset, columns: dict) -> None:
     """Fail naming the file and the config key when a column is missing or has an empty cell: `columns` maps
     config keys to column names. Rows are counted from 1, after any header."""
