@@ -99,5 +99,7 @@ def test_a_training_file_with_a_column_the_validation_file_lacks_trains(pkg, mak
     ['__index_level_0__'] not in the dataset`, the training split's columns removed from every split."""
     train = pkg.data.load_raw(make_config(*toys(task)).data, {})["train"]
     train.add_column("__index_level_0__", list(range(len(train)))).to_parquet(tmp_path / "train.parquet")
-    cfg = make_config(*toys(task), f"data.files.train={tmp_path / 'train.parquet'}", "trainer.max_steps=2")
+    train.to_parquet(tmp_path / "validation.parquet")  # files, both: an image folder and a file do not mix
+    files = [f"data.files.{split}={tmp_path / split}.parquet" for split in ("train", "validation")]
+    cfg = make_config(*toys(task), *files, "trainer.max_steps=2")
     assert pkg.loop.train(cfg, tmp_path / "run")["step"] == 2
