@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ForkedScript, reset_accelerate_state, run_in_process, toy_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 STEP = "step_{:08d}"
 ABSURD_LR = ["optimizer.lr=1e30", "trainer.max_grad_norm=0", "checks.overfit_batch=false"]
@@ -167,6 +167,33 @@ def test_a_write_the_disk_refuses_is_one_message_and_leaves_no_part_behind(
     assert code == 1 and f"{message} {run}" in output and "File too large" in output, output
     assert "Traceback" not in output
     assert not (run / "model").exists() and not list(run.glob("checkpoints/*"))  # no part of a checkpoint or model
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs a POSIX file size limit")
+@pytest.mark.parametrize("limit", [1, 100, 1000, 20_000])
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_write_the_disk_refuses_is_a_write_error_wherever_the_file_stops(pkg, tmp_path, writer, limit):
+    """Under a file size limit torch.save's stream writer raised `unexpected pos 576 vs 534`, which was taken for
+    another error than a write and went out as a traceback (an optimizer state larger than the limit, when the
+    model's weights were not)."""
+    import resource  # POSIX only
+
+    state, folder = {"weight": torch.randn(64, 200)}, tmp_path / "checkpoint"
+    folder.mkdir()
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(pkg.checkpoints.WriteError, match=f"could not write a checkpoint into {tmp_path}: "):
+            with pkg.checkpoints.written("a checkpoint", folder):
+                if writer == "torch.save":
+                    torch.save(state, folder / "optimizer.bin")
+                else:
+                    save_file(state, folder / "model.safetensors")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert not folder.exists()
 
 
 def test_the_stop_guard_reads_no_loss_at_a_step_only_when_checked(pkg):

@@ -42,14 +42,31 @@ class WriteError(UserError, OSError):
     """A checkpoint or export that the disk refused: full, over a quota or a file size limit, read-only."""
 
 
+# How torch.save's stream writer words a write that the disk refused: "PytorchStreamWriter failed writing file", or
+# "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534" after "basic_ios::clear: iostream error".
+TORCH_WRITE_FAILURES = ("writ", "inline_container", "iostream error")
+
+
+def _refused_write(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it comes from, is a write that the disk refused."""
+    while error is not None:
+        words = str(error)
+        if isinstance(error, OSError | SafetensorError) or (
+            isinstance(error, RuntimeError) and any(failure in words for failure in TORCH_WRITE_FAILURES)
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 @contextmanager
 def written(what: str, folder: Path) -> Iterator[None]:
     """Writing `what` into `folder`; a write the disk refuses is a WriteError naming both, and the folder, which
     holds part of it only, is removed (the space it took is free again)."""
     try:
         yield
-    except (OSError, SafetensorError, RuntimeError) as error:  # torch.save's stream writer raises a RuntimeError
-        if isinstance(error, RuntimeError) and "writ" not in str(error):
+    except (OSError, SafetensorError, RuntimeError) as error:
+        if not _refused_write(error):
             raise
         shutil.rmtree(folder, ignore_errors=True)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
