@@ -8,6 +8,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
 from conftest import CHECKS_ON, PACKAGE, reset_accelerate_state
 from omegaconf import OmegaConf
@@ -101,3 +102,11 @@ def test_a_regression_trains_with_the_checks_on_and_evaluates_to_what_training_r
     assert evaluated["metrics"] == trained["metrics"]
     # It learnt: 0.026 here, against 0.37 for predicting the mean length.
     assert trained["metrics"]["rmse"] < 0.2, trained["metrics"]
+
+
+def test_a_task_of_own_modules_only_asks_for_one(pkg, make_config):
+    """A task without a transformers class (tabular data, say) passes None: a model config without `_target_` is
+    one message, not an AttributeError from deep in transformers' loading."""
+    model = make_config("model=pretrained", "model.model_type=bert").model
+    with pytest.raises(config.ConfigError, match="model._target_ is not set, and this task has no transformers model"):
+        modeling.build_model(model, None, {}, {})

@@ -199,11 +199,16 @@ def _label_names(folder: Path, config: dict | None) -> list | None:
 
 
 def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kwargs: dict) -> torch.nn.Module:
-    """The model of the `model` config. `auto_class` is the task's transformers Auto class; `pretrained_kwargs`
-    go to its from_pretrained (a new head's labels, say), `scratch_kwargs` to the config of a model built from
-    scratch (and, by name, to your own module)."""
+    """The model of the `model` config. `auto_class` is the task's transformers Auto class (None: a task of your own
+    modules only); `pretrained_kwargs` go to its from_pretrained (a new head's labels, say), `scratch_kwargs` to the
+    config of a model built from scratch (and, by name, to your own module)."""
     if cfg._target_ is not None:
         return refuse_empty_layers(build_own_module(cfg, scratch_kwargs), cfg._target_)
+    if auto_class is None:
+        raise ConfigError(
+            "model._target_ is not set, and this task has no transformers model class: give it your own module, "
+            "model._target_=<package.module.Class> (an nn.Module; model.config holds its arguments)"
+        )
     own = OmegaConf.to_container(cfg.config, resolve=True)
     if cfg.name_or_path is not None:
         config = load_config(cfg.name_or_path)  # refuses a folder without config.json
