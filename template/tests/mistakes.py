@@ -28,6 +28,7 @@ class Mistake:
     task: str | None = None  # the task whose toy TOY stands for (set for the rows of a task's file); None: the default
     launcher: list = field(default_factory=list)  # runs `<launcher> script args` in a process of its own
     interrupt_after: str | None = None  # Ctrl-C (a real SIGINT) once the run's train.log shows this line
+    transformers: bool = False  # about a transformers model: skipped where the toy's model is your own module
 
 
 def truncate(path: Path) -> None:

@@ -94,6 +94,8 @@ def test_a_model_folder_of_older_transformers_evaluates_like_its_safetensors_twi
     """Before version 5, transformers saved pytorch_model.bin: such a folder loads and scores as the same model (the
     checks on a folder's weights read safetensors names and must not take a .bin folder for an empty one)."""
     saved = toy_model(toy_overrides)
+    if not (saved / "config.json").is_file():
+        pytest.skip("the toy's model is your own module, which transformers never saved as pytorch_model.bin")
     older = shutil.copytree(saved, tmp_path / "older")
     torch.save(load_file(older / "model.safetensors"), older / "pytorch_model.bin")
     (older / "model.safetensors").unlink()
