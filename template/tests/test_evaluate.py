@@ -75,6 +75,14 @@ def test_a_checkpoint_of_another_task_than_the_default_names_the_task_to_add(
     with pytest.raises(pkg.data.DataError, match=f"holds a run of task={other}, .* add task={other} for the data"):
         pkg.loop.evaluate_saved(cfg, tmp_path / "evaluated")
 
+    # Files are the data meant: their own mistake alone (the hint blamed a label the model does not know, say, on the
+    # default task's data).
+    files = [o for o in toys(other) if o.startswith("data")] + [f"data.files.validation={tmp_path / 'none.csv'}"]
+    cfg = make_config(f"task={default_task}", checkpoint, *files, config_name="evaluate")
+    with pytest.raises(pkg.data.DataError, match="no such file") as error:
+        pkg.loop.evaluate_saved(cfg, tmp_path / "files")
+    assert "checkpoint_path holds a run" not in str(error.value)
+
 
 @pytest.mark.parametrize(
     "override, message",

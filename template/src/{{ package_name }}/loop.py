@@ -31,6 +31,7 @@ from .config import (
     Tracker,
     TrainerConfig,
     build_task,
+    import_target,
     to_container,
     user_path,
     validate,
@@ -546,9 +547,12 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
         try:
             datasets = task.load(cfg.data, cfg.model, cfg.trainer.seed)
         except DataError as error:
-            if cfg.task._target_ == command_task:
+            # Data of a built-in dataset of the command's own task (its default data, most likely) for a checkpoint of
+            # another task: name the override that fixes it. Files or a hub dataset are the data meant.
+            builtin = import_target("task._target_", command_task).builtin_datasets
+            if cfg.task._target_ == command_task or cfg.data.name not in builtin:
                 raise
-            raise DataError(  # the default data of another task, most likely: name the override that fixes it
+            raise DataError(
                 f"{error}\n(checkpoint_path holds a run of task={task_name(cfg.task._target_)}, and the data of this "
                 f"command is task={task_name(command_task)}'s: add task={task_name(cfg.task._target_)} for the data of "
                 "its task)"
