@@ -103,3 +103,25 @@ def test_a_training_file_with_a_column_the_validation_file_lacks_trains(pkg, mak
     files = [f"data.files.{split}={tmp_path / split}.parquet" for split in ("train", "validation")]
     cfg = make_config(*toys(task), *files, "trainer.max_steps=2")
     assert pkg.loop.train(cfg, tmp_path / "run")["step"] == 2
+
+
+@pytest.mark.parametrize("form", ["a DatasetDict by name", "a Dataset by name", "a Dataset per split"])
+def test_a_dataset_saved_with_save_to_disk_trains(pkg, make_config, toy_overrides, tmp_path, form):
+    """What a preprocessing script leaves, a folder of datasets' save_to_disk: by data.name (a DatasetDict; a Dataset
+    alone is the train split) or per split by data.files. A traceback before: `Instruction "train" corresponds to no
+    data`, `You are trying to load a dataset that was saved using save_to_disk`."""
+    raw = pkg.data.load_raw(make_config(*toy_overrides).data, {})
+    if form == "a DatasetDict by name":
+        raw.save_to_disk(tmp_path / "saved")
+        data = [f"data.name={tmp_path / 'saved'}", "data.files=null"]
+        with pytest.raises(pkg.data.DataError, match="holds the splits .* of a DatasetDict .*: give data.name="):
+            pkg.loop.train(make_config(*toy_overrides, f"data.files.train={tmp_path / 'saved'}"), tmp_path / "files")
+    elif form == "a Dataset by name":
+        raw["train"].save_to_disk(tmp_path / "saved")
+        data = [f"data.name={tmp_path / 'saved'}", "data.files=null", "data.eval_fraction=0.25"]
+    else:
+        for split in ("train", "validation"):
+            raw[split].save_to_disk(tmp_path / split)
+        data = [f"data.files.{split}={tmp_path / split}" for split in ("train", "validation")]
+    cfg = make_config(*toy_overrides, *data, "trainer.max_steps=2")
+    assert pkg.loop.train(cfg, tmp_path / "run")["step"] == 2

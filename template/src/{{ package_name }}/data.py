@@ -11,7 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+    load_from_disk,
+)
 from datasets.utils import logging as datasets_logging
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -41,8 +50,21 @@ class DataError(UserError, ValueError):
     """A data file or dataset that cannot be used as it is; the message names the file, row and column."""
 
 
+def saved_to_disk(path: Path) -> bool:
+    """Whether `path` is a folder that datasets' `save_to_disk` wrote: a Dataset, or a DatasetDict of splits."""
+    return path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
 def load_file(split: str, path: Path) -> Dataset:
     """One split's file, or a DataError naming the file and, where it can, the line that is wrong."""
+    if saved_to_disk(path):
+        saved = load_from_disk(str(path))
+        if isinstance(saved, DatasetDict):
+            raise DataError(
+                f"data.files.{split}={path} holds the splits {list(saved)} of a DatasetDict (save_to_disk): give "
+                f"data.name={path}, or data.files.{split}={path}/<split>"
+            )
+        return saved
     kind = file_type(path)
     file_format, options = FILE_FORMATS[kind], FORMAT_OPTIONS.get(kind, {})
     verbosity = datasets_logging.get_verbosity()
@@ -116,7 +138,8 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
     if cfg.files:
         files = {split: user_path(path) for split, path in cfg.files.items()}
         matched = {split: matching(split, path, split == cfg.train_split) for split, path in files.items()}
-        if all(path.is_dir() for path in files.values()):  # image folders: <folder>/<label>/<image files>
+        # Image folders, <folder>/<label>/<image files>; not the folders that save_to_disk writes.
+        if all(path.is_dir() and not saved_to_disk(path) for path in files.values()):
             # Labels from class subfolders, also where there is one class only (datasets would drop the column, and
             # the task would report a missing column, not a single class); not with a metadata file of labels.
             by_class = all(
@@ -126,7 +149,8 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
             raw = load_dataset("imagefolder", data_files=patterns, drop_labels=False if by_class else None)
         else:
             for split, path in files.items():
-                data_files = sorted(p for p in path.iterdir() if file_type(p) in FILE_FORMATS) if path.is_dir() else []
+                folder = path.is_dir() and not saved_to_disk(path)
+                data_files = sorted(p for p in path.iterdir() if file_type(p) in FILE_FORMATS) if folder else []
                 if data_files:
                     raise DataError(
                         f"data.files.{split}={path} is a folder of data files: give a pattern, data.files.{split}="
@@ -134,12 +158,12 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
                         "must be one)"
                     )
             for split, paths in matched.items():  # each file is read by its own format: train.csv, val.jsonl
-                unknown = [path for path in paths if file_type(path) not in FILE_FORMATS]
+                unknown = [path for path in paths if file_type(path) not in FILE_FORMATS and not saved_to_disk(path)]
                 if unknown:
                     raise DataError(
                         f"data.files.{split}={unknown[0]}: a data file has one of the extensions "
-                        f"{sorted(FILE_FORMATS)} (also compressed: {', '.join(COMPRESSIONS)}); a split of images is "
-                        "a folder, and then every split must be one"
+                        f"{sorted(FILE_FORMATS)} (also compressed: {', '.join(COMPRESSIONS)}), or is a folder that "
+                        "save_to_disk wrote; a split of images is a folder, and then every split must be one"
                     )
             raw = DatasetDict({split: load_files(split, files[split], paths) for split, paths in matched.items()})
         sources = {split: f"data.files.{split}={path}" for split, path in files.items()}
@@ -155,7 +179,11 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
 
 
 def load_hub_dataset(cfg: DictConfig, builtin: dict) -> DatasetDict:
-    """`data.name` from the hub (or its cache); a name that is neither there nor built in is a DataError."""
+    """`data.name` from the hub (or its cache), or a folder that save_to_disk wrote (load_dataset reads only some of
+    those; a Dataset alone is the train split); a name that is neither there nor built in is a DataError."""
+    if saved_to_disk(folder := user_path(cfg.name)):
+        saved = load_from_disk(str(folder))
+        return saved if isinstance(saved, DatasetDict) else DatasetDict({"train": saved})
     try:
         return load_dataset(cfg.name, cfg.subset)
     except (ConnectionError, FileNotFoundError) as error:  # offline, or no such dataset
