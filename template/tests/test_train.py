@@ -114,8 +114,9 @@ def test_a_dataset_saved_with_save_to_disk_trains(pkg, make_config, toy_override
     if form == "a DatasetDict by name":
         raw.save_to_disk(tmp_path / "saved")
         data = [f"data.name={tmp_path / 'saved'}", "data.files=null"]
+        as_files = [f"data.files.{split}={tmp_path / 'saved'}" for split in ("train", "validation")]
         with pytest.raises(pkg.data.DataError, match="holds the splits .* of a DatasetDict .*: give data.name="):
-            pkg.loop.train(make_config(*toy_overrides, f"data.files.train={tmp_path / 'saved'}"), tmp_path / "files")
+            pkg.loop.train(make_config(*toy_overrides, *as_files), tmp_path / "files")
     elif form == "a Dataset by name":
         raw["train"].save_to_disk(tmp_path / "saved")
         data = [f"data.name={tmp_path / 'saved'}", "data.files=null", "data.eval_fraction=0.25"]
