@@ -340,6 +340,7 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
                 "example; class labels are names or whole numbers (several labels per example is not built in)"
             )
     uniques = {name: split.unique(column) for name, split in splits.items()}  # one pass over each split
+    splits, uniques = _without_unlabelled_splits(splits, uniques, column, key)
     for name, split in splits.items():
         fractions = [v for v in uniques[name] if isinstance(v, float) and not v.is_integer()][:3]
         if fractions:
@@ -402,6 +403,30 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
             f"id or a free text column? (a classifier learns a class from several examples of it)",
         )
     return splits, names
+
+
+def _without_unlabelled_splits(splits: DatasetDict, uniques: dict, column: str, key: str) -> tuple:
+    """-1 in a ClassLabel column is datasets' mark of an example without a label (GLUE's test splits hide theirs so).
+    A split of such examples only, other than train and validation, is left out: nothing could score it. Elsewhere
+    they are a DataError: training and validation need the labels."""
+    kept = dict(splits)
+    for name, split in splits.items():
+        if not isinstance(split.features[column], ClassLabel) or -1 not in uniques[name]:
+            continue
+        if name not in ("train", "validation") and uniques[name] == [-1]:
+            logger.info(f"{source(split)}: no labels (-1 in column {column!r}, every row): left out, nothing scores it")
+            del kept[name], uniques[name]
+            continue
+        unlabelled = sum(label == -1 for label in split[column])
+        choose = {
+            "train": "choose a labelled split for data.train_split, or ",
+            "validation": "choose a labelled split for data.eval_split (null: part of train is held out), or ",
+        }
+        raise DataError(
+            f"{source(split)}: {unlabelled} of the {len(split)} rows of the {name} split have no label (-1 in column "
+            f"{column!r} ({key}), datasets' mark of a hidden label): {choose.get(name, '')}remove those rows first"
+        )
+    return DatasetDict(kept), uniques
 
 
 def _as_text(split: Dataset, column: str) -> Callable:
