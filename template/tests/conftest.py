@@ -170,6 +170,14 @@ def wait_all(scripts: list) -> list:
 reset_accelerate_state = importlib.import_module(f"{PACKAGE}.launch").reset_accelerate_state
 
 
+def assert_export_evaluates_as_trained(pkg, make_config, overrides: list, trained: dict, run_dir: Path) -> None:
+    """evaluate.py scores the model that a toy run of `overrides` exported to run_dir/model to the metrics training
+    reported (transformers renames some weights as it saves them, and rebuilds some it never saves)."""
+    reset_accelerate_state()
+    exported = make_config(*overrides, f"model.name_or_path='{run_dir / 'model'}'", config_name="evaluate")
+    assert pkg.loop.evaluate_saved(exported, run_dir / "evaluated")["metrics"] == trained["metrics"]
+
+
 @pytest.fixture(autouse=True)
 def isolated_global_state():
     """Each test starts from the same global state, whatever ran before it and in whatever order: the random

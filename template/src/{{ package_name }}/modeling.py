@@ -8,12 +8,14 @@ import logging
 import os
 import textwrap
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -132,6 +134,11 @@ def in_own_memory(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# What from_pretrained reported of each model it loaded: its missing and mismatched weights, by transformers' own
+# names (it renames some weights as it saves and loads them, and rebuilds some it never saves: Marian's positions).
+LOADING_REPORTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def refuse_untrained(model: torch.nn.Module, name_or_path: str) -> None:
     """evaluate.py scores the weights a folder holds. from_pretrained starts anew, with a warning at most, any layer
     the folder has no fitting weights for: refuse a model built for this data with layers of other sizes (a
@@ -140,28 +147,18 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str) -> None:
     folder = model_folder(name_or_path)
     if folder is None:  # a hub id: nothing here to compare with
         return
-    built = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    changed, saved = [], set()
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as weights:
-            for name in weights.keys():
-                saved.add(name)
-                shape = weights.get_slice(name).get_shape()
-                if name in built and built[name] != shape:
-                    changed.append(f"{name} {shape} -> {built[name]}")
+    report = LOADING_REPORTS.get(model)
+    if report is not None:
+        changed = [f"{name} {list(saved)} -> {list(built)}" for name, saved, built in report["mismatched_keys"]]
+        missing = list(report["missing_keys"])
+    else:  # your own module, whose export holds its state_dict's names
+        changed, missing = _untrained_own_weights(model, folder)
     if changed:
         raise ConfigError(
             f"model.name_or_path={name_or_path}: the model built for this data has other shapes than the saved one "
             f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}), so those layers would score untrained: "
             "give data with the labels (and the vocabulary) the model was trained on"
         )
-    # Layers the folder has no weights for (a classifier's folder loaded as a language model gets a new head) start
-    # from random values. Tied weights are saved under one of their names. (A folder from older transformers holds
-    # pytorch_model.bin instead, whose names are not read here.)
-    names = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    missing = [group[0] for group in names.values() if not saved.intersection(group)] if saved else []
     if missing:
         config_file = folder / "config.json"  # none for your own module's export
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
@@ -175,6 +172,25 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str) -> None:
             f"model.name_or_path={name_or_path} has no weights for {len(missing)} parameters of {built_kind} "
             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), which would score untrained; {why}"
         )
+
+
+def _untrained_own_weights(model: torch.nn.Module, folder: Path) -> tuple:
+    """The weights of `model` that the folder's safetensors files hold at other shapes, and those they lack."""
+    built = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    changed, saved = [], set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as weights:
+            for name in weights.keys():
+                saved.add(name)
+                shape = weights.get_slice(name).get_shape()
+                if name in built and built[name] != shape:
+                    changed.append(f"{name} {shape} -> {built[name]}")
+    # Tied weights are saved under one of their names.
+    names = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    missing = [group[0] for group in names.values() if not saved.intersection(group)] if saved else []
+    return changed, missing
 
 
 def saved_labels(name_or_path: str | None) -> list | None:
@@ -229,7 +245,11 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
             )
         folder = model_folder(cfg.name_or_path)
         with loading(cfg.name_or_path):
-            return in_own_memory(auto_class.from_pretrained(str(folder or cfg.name_or_path), **pretrained_kwargs))
+            loaded, report = auto_class.from_pretrained(
+                str(folder or cfg.name_or_path), output_loading_info=True, **pretrained_kwargs
+            )
+        LOADING_REPORTS[loaded] = report
+        return in_own_memory(loaded)
     refuse_task_keys(own, scratch_kwargs)
     with refused_config(f"a {cfg.model_type} model"):
         config = AutoConfig.for_model(cfg.model_type, **{**own, **scratch_kwargs})
@@ -338,12 +358,27 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model. A local folder without tokenizer files is refused: transformers would
     quietly build one that maps every text to unknown tokens."""
     refuse_without(name_or_path, TOKENIZER_FILES, "tokenizer")
-    tokenizer = load_processor(AutoTokenizer, name_or_path)
+    tokenizer = _by_saved_class(name_or_path) or load_processor(AutoTokenizer, name_or_path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Decoder-only models (GPT-2, Llama, Qwen, ...) ship without a padding token, and batches need one. The end
         # of text pads, as in the transformers examples; padded positions are masked out.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _by_saved_class(name_or_path: str) -> PreTrainedTokenizerBase | None:
+    """A local folder without tokenizer.json, read by the tokenizer class that its tokenizer_config.json names (or
+    None). For some model types AutoTokenizer disregards that class (transformers 5: mistral, qwen2, phi3, ...) and
+    reads the folder with the type's own, which wants a tokenizer.json: it fails, or builds another tokenizer without
+    a word. A tokenizer written in Python (ByT5's bytes, the default of a model from scratch) never saves one."""
+    folder = model_folder(name_or_path)
+    if folder is None or (folder / "tokenizer.json").is_file() or not (folder / "tokenizer_config.json").is_file():
+        return None
+    named = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    tokenizer_class = getattr(transformers, str(named), None)
+    if not (isinstance(tokenizer_class, type) and issubclass(tokenizer_class, PreTrainedTokenizerBase)):
+        return None  # a class of the model's own code (auto_map): AutoTokenizer's to find
+    return load_processor(tokenizer_class, name_or_path)
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
