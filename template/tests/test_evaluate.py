@@ -125,3 +125,19 @@ def test_a_file_evaluates_alone_under_its_own_split_name(pkg, make_config, toy_o
     alone = make_config(*toy_overrides, model, *files, "split=test", config_name="evaluate")
     result = pkg.loop.evaluate_saved(alone, tmp_path / "alone")
     assert result["split"] == "test" and result["metrics"] == both["metrics"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_model_config_not_applied_to_a_saved_model_is_named_where_the_model_has_the_key(
+    pkg, make_config, toys, tmp_path, caplog, task
+):
+    """A saved model keeps its config: model.config values that differ from it are named in a warning. Keys it does
+    not have are a model group's of another architecture (the task's default group beside a model of another kind):
+    naming them was noise in every such evaluation."""
+    if make_config(*toys(task)).model._target_ is not None:
+        pytest.skip("the toy model is your own module: model.config builds it")
+    own = ["+model.config.output_hidden_states=true", "+model.config.a_key_of_another_architecture=1"]
+    pkg.loop.evaluate_saved(make_config(*toys(task), *own, config_name="evaluate"), tmp_path / "evaluated")
+    assert "model.config not applied to the saved model" in caplog.text
+    assert "output_hidden_states=True (saved: False)" in caplog.text
+    assert "a_key_of_another_architecture" not in caplog.text

@@ -231,11 +231,12 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
         source = f"model.name_or_path={cfg.name_or_path} is a {config.model_type} model"
         refuse_other_architecture(config, auto_class, source)
         # Its saved config decides (a value that changes a layer's size would start that layer anew). model.config
-        # may come from a model group, not from you: say what is not applied rather than refuse.
+        # may come from a model group, not from you: say what is not applied rather than refuse. Keys its config has
+        # not are a group's of another architecture (the task's default group beside a model of another kind).
         ignored = [
-            f"{key}={value} (saved: {getattr(config, key, None)})"
+            f"{key}={value} (saved: {getattr(config, key)})"
             for key, value in own.items()
-            if getattr(config, key, None) != value
+            if hasattr(config, key) and getattr(config, key) != value
         ]
         if ignored:
             warn(
