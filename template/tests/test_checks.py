@@ -130,6 +130,18 @@ def test_overfit_stops_early_once_the_target_is_reached(toy):
     assert steps < 200 and steps % checks.OVERFIT_EVERY == 0, summary
 
 
+def own_layer(model) -> torch.nn.Module:
+    """The model's first layer with weights of its own: an embedding tied to the output layer would still get a
+    gradient there."""
+    layers = list(model.modules())[1:]  # not the model itself, which may hold parameters a test registered
+    owners = Counter(id(parameter) for module in layers for parameter in module.parameters(recurse=False))
+    return next(
+        module
+        for module in layers
+        if (own := list(module.parameters(recurse=False))) and all(owners[id(parameter)] == 1 for parameter in own)
+    )
+
+
 def test_gradient_flow_warns_of_an_unused_parameter_and_fails_on_one_cut_off(toy, caplog):
     setup = toy()
     model = setup.run.accelerator.unwrap_model(setup.run.model)
@@ -143,20 +155,101 @@ def test_gradient_flow_warns_of_an_unused_parameter_and_fails_on_one_cut_off(toy
     assert "trainer.find_unused_parameters=true" in caplog.text
 
     # A bug: the first layer's output is detached, so its weights shape the loss but get no gradient.
-    # (Its weights must be its own: an embedding tied to the output layer would still get a gradient there.)
-    layers = list(model.modules())[1:]  # not the model itself, which now holds `unused`
-    owners = Counter(id(parameter) for module in layers for parameter in module.parameters(recurse=False))
-    first = next(
-        module
-        for module in layers
-        if (own := list(module.parameters(recurse=False))) and all(owners[id(parameter)] == 1 for parameter in own)
-    )
+    first = own_layer(model)
     first.register_forward_hook(lambda module, inputs, output: output.detach())
     with pytest.raises(checks.PreflightError) as error:
         checks.check_gradient_flow(setup.run, setup.batches)
     cut = [name for name, _ in first.named_parameters()]
     assert_names_check(error, "gradient_flow", "change the loss but get no gradient (cut off)", *cut)
     assert "unused" not in str(error.value).split("(cut off)")[1]  # still only a warning in one process
+
+
+class OwnBackward(torch.autograd.Function):
+    """As in Reformer's reversible layers: `layer`'s weights are no input of the Function, whose backward runs the
+    layer again and a backward of its own. That writes their .grad; torch.autograd.grad returns None for them."""
+
+    @staticmethod
+    def forward(ctx, hidden, layer):
+        ctx.save_for_backward(hidden)
+        ctx.layer = layer
+        return layer(hidden)  # without a graph, as in every forward of a Function
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        with torch.enable_grad():
+            hidden = ctx.saved_tensors[0].detach().requires_grad_()
+            torch.autograd.backward(ctx.layer(hidden), grad_output)
+        return hidden.grad, None
+
+
+class GainThroughOwnBackward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Linear(1, 1, bias=False)
+
+    def forward(self, hidden):
+        return OwnBackward.apply(hidden, lambda x: x * self.gain.weight)
+
+
+class PaddingIds(torch.nn.Module):
+    """An embedding that sees only its padding id (as RoCBert's shape and pronunciation ids, which default to it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(3, 1, padding_idx=0)
+
+    def forward(self, hidden):
+        ids = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+        spread = torch.arange(hidden.shape[-1], device=hidden.device)  # not a shift, which a layer norm would undo
+        return hidden + self.embedding(ids) * spread
+
+
+class Top1Router(torch.nn.Module):
+    """A mixture of two experts (gains), one per item, chosen by a router from the first feature. The chosen
+    expert's weight is a softmax over itself: 1 whatever the router's weights, so their gradient is exactly zero,
+    although changing them changes which expert is chosen."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = torch.nn.Linear(1, 2, bias=False)
+        torch.nn.init.zeros_(self.router.weight)  # a tie: expert 0 for all; a random change splits the items
+        self.experts = torch.nn.Parameter(torch.tensor([1.0, 0.5]))
+
+    def forward(self, hidden):
+        top = self.router(hidden[..., :1]).topk(1)
+        weight = top.values.softmax(-1)
+        return hidden * weight * self.experts[top.indices]
+
+
+@pytest.mark.parametrize(
+    "extra, weight, warned",
+    [
+        # It gets its gradient in .grad, from the backward inside: counted, and no warning.
+        (GainThroughOwnBackward, "gain.weight", None),
+        # The padding row is constant by design; the other rows go unused.
+        (PaddingIds, "embedding.weight", "unused"),
+        # It will not learn (a warning), but nothing cut its gradient off.
+        (Top1Router, "router.weight", "with a flat loss"),
+    ],
+)
+def test_gradient_flow_passes_parameters_that_autograd_grad_finds_no_gradient_for_but_no_bug_cut_off(
+    toy, caplog, extra, weight, warned
+):
+    setup = toy()
+    model = setup.run.accelerator.unwrap_model(setup.run.model)
+    model.add_module("extra", extra())
+    own_layer(model).register_forward_hook(lambda module, inputs, output: model.extra(output))
+    name, weight = f"extra.{weight}", model.get_parameter(f"extra.{weight}")
+    weight.grad = torch.full_like(weight, 7.0)
+    caplog.set_level(logging.WARNING, logger=checks.__name__)
+    summary = checks.check_gradient_flow(setup.run, setup.batches)
+    assert torch.equal(weight.grad, torch.full_like(weight, 7.0))  # the gradients are left as they were
+    warnings = [r.getMessage() for r in caplog.records if "preflight gradient_flow warning" in r.getMessage()]
+    assert len(warnings) == (warned is not None), warnings
+    if warned:  # naming only this tensor: the experts get a gradient as usual
+        assert f", 1 {warned}" in summary and f"({name})" in warnings[0], warnings
+    if warned == "with a flat loss":
+        assert "exactly zero" in warnings[0] and "will not learn" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("key, value", [("labels", "outputs"), ("labels", -1), ("input_ids", 10**6)])

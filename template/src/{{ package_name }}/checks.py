@@ -249,11 +249,19 @@ def check_validation(run, batches: list, evaluate) -> str:
 
 @torch.no_grad()
 def moves_loss(task, model, parameters: list, batches: list, loss: float) -> bool:
-    """Whether a random change of `parameters` moves the loss (`loss` before it): the forward uses them."""
+    """Whether a random change of `parameters` moves the loss (`loss` before it): the forward uses them.
+
+    An embedding's padding row is left as it is: it is constant by design (PyTorch gives it no gradient).
+    """
+    embeddings = (m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None)
+    padding = {id(m.weight): m.padding_idx for m in embeddings}
     originals = [parameter.detach().clone() for parameter in parameters]
     for parameter in parameters:
         generator = torch.Generator(parameter.device).manual_seed(0)  # not the global RNG: the run must not see it
-        parameter.add_(torch.randn(parameter.shape, generator=generator, device=parameter.device).to(parameter.dtype))
+        change = torch.randn(parameter.shape, generator=generator, device=parameter.device).to(parameter.dtype)
+        if id(parameter) in padding:
+            change[padding[id(parameter)]] = 0
+        parameter.add_(change)
     changed = eval_loss(task, model, batches)
     for parameter, original in zip(parameters, originals):
         parameter.copy_(original)
@@ -261,24 +269,31 @@ def moves_loss(task, model, parameters: list, batches: list, loss: float) -> boo
 
 
 def check_gradient_flow(run, batches: list) -> str:
-    """A backward pass over a few training batches gives every trainable parameter tensor a finite gradient
-    that is not zero throughout (judged per tensor: an embedding row of an absent token rightly gets zero).
+    """A backward pass over a few training batches gives every trainable parameter tensor that the loss depends
+    on a finite gradient.
 
-    A tensor without one is changed at random: if the loss moves, the forward uses it and the gradient is cut off
-    by a bug (a detach, a no_grad block, a write through .data), which fails. If the loss stays, the forward does
-    not use it (a pooler the head skips, say): that is a warning, and plain DDP needs find_unused_parameters.
+    A tensor with no gradient, or one that is zero throughout (judged per tensor: an embedding row of an absent
+    token rightly gets zero), is changed at random. If the loss stays, the forward does not use it (a pooler the
+    head skips, say): a warning, and plain DDP needs find_unused_parameters for one outside the autograd graph. If
+    the loss moves and the tensor is outside the graph, a bug cut its gradient off (a detach, a no_grad block, a
+    write through .data): that fails. If the loss moves and the gradient is exactly zero, the loss is flat around
+    it (a top-1 mixture-of-experts router, an argmax, dead units): it will not learn, a warning.
     """
     task, model = run.task, run.accelerator.unwrap_model(run.model)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    with preserved(run):
+    with preserved(run):  # which also puts back each .grad cleared here
         model.train()
+        for parameter in trainable.values():
+            parameter.grad = None
         # autograd.grad, not backward: DDP's gradient hooks stay out of it, so each process judges its own
         # gradients. Not accelerator.backward either, whose fp16 loss scale often overflows on purpose at first.
         total = sum(task.loss(model, batch) for batch in batches)
         found = [None] * len(trainable)  # unless some trainable parameter reaches the loss
         if total.requires_grad:
             found = torch.autograd.grad(total, list(trainable.values()), allow_unused=True)
-        grads = dict(zip(trainable, found))
+        # A custom autograd Function may run its own backward inside and so write .grad instead (Reformer's
+        # reversible layers): autograd.grad then returns None, but the parameter is in the graph all the same.
+        grads = {name: p.grad if grad is None else grad for (name, p), grad in zip(trainable.items(), found)}
         nonfinite = [name for name, grad in grads.items() if grad is not None and not grad.isfinite().all()]
         silent = {name: trainable[name] for name, grad in grads.items() if grad is None or not grad.any()}
         loss = eval_loss(task, model, batches) if silent else 0.0
@@ -286,14 +301,15 @@ def check_gradient_flow(run, batches: list) -> str:
         if silent and moves_loss(task, model, list(silent.values()), batches, loss):
             unused = [name for name, p in silent.items() if not moves_loss(task, model, [p], batches, loss)]
         outside_graph = [name for name in unused if grads[name] is None]  # what DDP waits for in vain
-    cut = [name for name in silent if name not in unused]
+    cut = [name for name in silent if name not in unused and grads[name] is None]
+    flat = [name for name in silent if name not in unused and grads[name] is not None]
     ddp_fails = outside_graph and run.accelerator.num_processes > 1 and not run.cfg.trainer.find_unused_parameters
     saw = [f"{len(nonfinite)} with a non-finite gradient: {_listed(nonfinite)}"] if nonfinite else []
     saw += [f"{len(cut)} that change the loss but get no gradient (cut off): {_listed(cut)}"] if cut else []
     saw += [f"{len(outside_graph)} unused, which DDP refuses: {_listed(outside_graph)}"] if ddp_fails else []
     expected = (
-        f"a finite gradient, not zero throughout, in each of the {len(trainable)} trainable parameter tensors "
-        "that the loss depends on" + (", and trainer.find_unused_parameters=true for unused ones" if ddp_fails else "")
+        f"a finite gradient in each of the {len(trainable)} trainable parameter tensors that the loss depends on"
+        + (", and trainer.find_unused_parameters=true for unused ones" if ddp_fails else "")
     )
     verdict(run.accelerator, "gradient_flow", expected, "; ".join(saw) or None)
     if unused:
@@ -304,7 +320,16 @@ def check_gradient_flow(run, batches: list) -> str:
             f"the forward does not use them ({_listed(unused)}). Fine if meant (a pooler this head skips, say); "
             f"freeze them to save optimizer memory{ddp}",
         )
-    return f"{len(trainable)} parameter tensors" + (f", {len(unused)} unused" if unused else "")
+    if flat:
+        warn(
+            "gradient_flow",
+            f"{len(flat)} trainable parameter tensors change the loss but their gradient is exactly zero: the loss is "
+            f"flat around them, so they will not learn ({_listed(flat)}). Expected of a hard choice (a top-1 "
+            "mixture-of-experts router, an argmax); else look for dead units",
+        )
+    notes = [f"{len(unused)} unused"] if unused else []
+    notes += [f"{len(flat)} with a flat loss"] if flat else []
+    return ", ".join([f"{len(trainable)} parameter tensors", *notes])
 
 
 def check_overfit_batch(run, batch: dict) -> str:
@@ -380,6 +405,7 @@ def check_checkpoint_round_trip(run, batch: dict) -> str:
     bit (RNG states included: Accelerate only logs a failed RNG restore), and the files load on a CPU."""
     accelerator, folder = run.accelerator, run.run_dir / TEMP_FOLDER
     with preserved(run):
+        run.model.train()  # as the loop trains (a model loads in eval mode; Reformer's backward refuses that)
         train_step(run, batch)  # so the optimizer has state to save
         saved = snapshot(run)
         iteration = accelerator.project_configuration.iteration
