@@ -128,16 +128,19 @@ def test_a_file_evaluates_alone_under_its_own_split_name(pkg, make_config, toy_o
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_model_config_not_applied_to_a_saved_model_is_named_where_the_model_has_the_key(
+def test_model_config_not_applied_to_a_saved_model_is_named_unless_a_group_of_another_kind_brings_it(
     pkg, make_config, toys, tmp_path, caplog, task
 ):
-    """A saved model keeps its config: model.config values that differ from it are named in a warning. Keys it does
-    not have are a model group's of another architecture (the task's default group beside a model of another kind):
-    naming them was noise in every such evaluation."""
+    """A saved model keeps its config: model.config values that differ from it are named in a warning, yours too.
+    Keys of a model group of another architecture (the task's default group beside a model of another kind) that
+    the saved model has not are the group's: naming them was noise in every such evaluation."""
     if make_config(*toys(task)).model._target_ is not None:
         pytest.skip("the toy model is your own module: model.config builds it")
-    own = ["+model.config.output_hidden_states=true", "+model.config.a_key_of_another_architecture=1"]
+    group_of_xlnet = ["model.model_type=xlnet", "+model.config.mem_len=7"]  # no toy model is an XLNet
+    own = ["+model.config.output_hidden_states=true", "+model.config.dropout_of_mine=0.3", *group_of_xlnet]
     pkg.loop.evaluate_saved(make_config(*toys(task), *own, config_name="evaluate"), tmp_path / "evaluated")
     assert "model.config not applied to the saved model" in caplog.text
-    assert "output_hidden_states=True (saved: False)" in caplog.text
-    assert "a_key_of_another_architecture" not in caplog.text
+    assert (
+        "output_hidden_states=True (saved: False)" in caplog.text and "dropout_of_mine=0.3 (saved: None)" in caplog.text
+    )
+    assert "mem_len" not in caplog.text

@@ -2,10 +2,12 @@
 transformers architecture built from scratch (the `model` config says which; see config.ModelConfig)."""
 
 import difflib
+import functools
 import inspect
 import json
 import logging
 import os
+import re
 import textwrap
 import warnings
 import weakref
@@ -149,7 +151,7 @@ def refuse_untrained(model: torch.nn.Module, name_or_path: str) -> None:
         return
     report = LOADING_REPORTS.get(model)
     if report is not None:
-        changed = [f"{name} {list(saved)} -> {list(built)}" for name, saved, built in report["mismatched_keys"]]
+        changed = [f"{name} {list(saved)} -> {list(built)}" for name, saved, built in sorted(report["mismatched_keys"])]
         missing = list(report["missing_keys"])
     else:  # your own module, whose export holds its state_dict's names
         changed, missing = _untrained_own_weights(model, folder)
@@ -231,12 +233,15 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
         source = f"model.name_or_path={cfg.name_or_path} is a {config.model_type} model"
         refuse_other_architecture(config, auto_class, source)
         # Its saved config decides (a value that changes a layer's size would start that layer anew). model.config
-        # may come from a model group, not from you: say what is not applied rather than refuse. Keys its config has
-        # not are a group's of another architecture (the task's default group beside a model of another kind).
+        # may come from a model group, not from you: say what is not applied rather than refuse. The keys of a group
+        # of another architecture (the task's default group beside a model of another kind) that this model has not
+        # are the group's: naming them is noise.
+        group_kind = default_config(cfg.model_type) if cfg.model_type != config.model_type else None
         ignored = [
-            f"{key}={value} (saved: {getattr(config, key)})"
+            f"{key}={value} (saved: {getattr(config, key, None)})"
             for key, value in own.items()
-            if hasattr(config, key) and getattr(config, key) != value
+            if getattr(config, key, None) != value
+            and (hasattr(config, key) or group_kind is None or not has_key(group_kind, key))
         ]
         if ignored:
             warn(
@@ -257,7 +262,8 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
     refuse_other_architecture(config, auto_class, f"model.model_type={cfg.model_type}")
     # A key that the architecture does not know becomes a new attribute of its config, which nothing reads.
     default = AutoConfig.for_model(cfg.model_type)
-    refuse_unknown_keys([key for key in own if not has_key(default, key) and key in config.to_dict()], default)
+    unknown = [key for key in own if not has_key(default, key) and key in config.to_dict()]
+    refuse_unknown_keys([key for key in unknown if not read_by_the_model(auto_class, config, key)], default)
     # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
     # picks by config.architectures and fails on None, a new config's value; an empty list picks the first.
     config.architectures = config.architectures or []
@@ -293,6 +299,14 @@ def refuse_beyond_memory(auto_class, config: PretrainedConfig, what: str) -> Non
         )
 
 
+def default_config(model_type: str | None) -> PretrainedConfig | None:
+    """The config of `model_type` at its defaults, or None for no model type or one this transformers lacks."""
+    try:
+        return AutoConfig.for_model(model_type) if model_type else None
+    except ValueError:
+        return None
+
+
 def has_key(config: PretrainedConfig, key: str) -> bool:
     """Whether `config` has `key`; one that varies from layer to layer counts (transformers' configs of layers that
     differ raise on reading it for the whole model)."""
@@ -300,6 +314,21 @@ def has_key(config: PretrainedConfig, key: str) -> bool:
         return hasattr(config, key)
     except Exception:
         return True
+
+
+def read_by_the_model(auto_class, config: PretrainedConfig, key: str) -> bool:
+    """Whether the architecture's modeling code reads `key` from its config though its config class leaves it out:
+    `getattr(config, "head_dim", hidden_size // heads)` (Qwen, Phi, ...), T5's `config.decoder_start_token_id`."""
+    try:
+        source = _module_source(auto_class._model_mapping[type(config)])
+    except (KeyError, AttributeError, OSError, TypeError):
+        return False
+    return re.search(rf"config\.{re.escape(key)}\b|[\"']{re.escape(key)}[\"']", source) is not None
+
+
+@functools.cache
+def _module_source(model_class: type) -> str:
+    return inspect.getsource(inspect.getmodule(model_class))
 
 
 def refuse_task_keys(own: dict, task_values: dict) -> None:
