@@ -25,7 +25,7 @@ NONFINITE = ["optimizer.lr=1e30", "trainer.max_grad_norm=0", "checks.overfit_bat
 
 def own_module(target: str, *more: str) -> list:
     """The args of the toy run (and `more`) with your own module `target`, package.module.Class, from scratch."""
-    return [TOY, *more, "model.name_or_path=null", f"model._target_={target}"]
+    return [TOY, *more, "model.name_or_path=null", "model.model_type=null", f"model._target_={target}"]
 
 
 def export_of_forward_that_fails(tmp: Path, toy: list, *args) -> None:
@@ -99,7 +99,12 @@ MISTAKES = [
     ),
     Mistake(
         "own module that fails on the data it evaluates",
-        [TOY, "model.name_or_path={tmp}/model", "model._target_=test_mistakes.ForwardThatFails"],
+        [
+            TOY,
+            "model.name_or_path={tmp}/model",
+            "model.model_type=null",
+            "model._target_=test_mistakes.ForwardThatFails",
+        ],
         "the model raised RuntimeError on a batch of split validation: mat1 and mat2 shapes cannot be multiplied",
         script="evaluate.py",
         prepare=export_of_forward_that_fails,
@@ -108,7 +113,7 @@ MISTAKES = [
     *(
         Mistake(
             f"out of memory {where}",
-            [TOY, *args, "model._target_=test_mistakes.ForwardThatRunsOutOfMemory"],
+            [TOY, *args, "model.model_type=null", "model._target_=test_mistakes.ForwardThatRunsOutOfMemory"],
             "out of memory: [enforce fail at alloc_cpu.cpp:",
             script=script,
             prepare=export_of_forward_that_fails if script == "evaluate.py" else None,
@@ -118,6 +123,12 @@ MISTAKES = [
             ("at the first step", "train.py", ["model.name_or_path=null"]),
             ("in an evaluation", "evaluate.py", ["model.name_or_path={tmp}/model"]),
         ]
+    ),
+    Mistake(  # model_type went unused without a word where a group of your own module is the task's default
+        "your own module and an architecture",
+        [TOY, "model.name_or_path=null", "model._target_=test_mistakes.ForwardThatFails", "model.model_type=qwen2"],
+        "model._target_=test_mistakes.ForwardThatFails (your own module) and model.model_type=qwen2 (a transformers "
+        "architecture) are both set, and one model is built: model.model_type=null for your own module; for a qwen2",
     ),
     Mistake(
         "architecture misspelt",

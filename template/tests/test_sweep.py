@@ -92,7 +92,11 @@ def test_a_trial_that_diverges_fails_in_one_line_and_the_sweep_goes_on(toy_overr
 
 def test_a_trial_that_runs_out_of_memory_fails_in_one_line_and_the_sweep_goes_on(toy_overrides, tmp_path, capsys):
     folder = tmp_path / "sweep"
-    own_module = ["model.name_or_path=null", "model._target_=test_mistakes.ForwardThatRunsOutOfMemory"]
+    own_module = [
+        "model.name_or_path=null",
+        "model.model_type=null",
+        "model._target_=test_mistakes.ForwardThatRunsOutOfMemory",
+    ]
     output = sweep(folder, toy_overrides, capsys, "sweep.n_trials=2", "checks.enabled=false", *own_module)
 
     assert [trial.state.name for trial in study_of(folder).trials] == ["FAIL", "FAIL"]

@@ -516,6 +516,14 @@ def _model_problems(model: DictConfig) -> list:
             "model: set one of model._target_ (your own nn.Module), model.name_or_path (a hub id or a folder) "
             "and model.model_type (a transformers architecture from scratch), or pick one with model=<name>"
         ]
+    if model._target_ is not None and model.model_type is not None:  # one of them would go unused, unsaid
+        kind = model.model_type
+        return [
+            f"model._target_={model._target_} (your own module) and model.model_type={kind} (a transformers "
+            f"architecture) are both set, and one model is built: model.model_type=null for your own module; for a "
+            f"{kind} from scratch, model=pretrained model.name_or_path=null model.model_type={kind} (its model.config "
+            "starts empty: +model.config.<key>=<value>)"
+        ]
     try:
         if model._target_ is not None:
             import_target("model._target_", model._target_)
