@@ -3,6 +3,7 @@ verified on load, pruned by a keep policy; and the final export as a CPU `save_p
 
 import hashlib
 import json
+import logging
 import shutil
 import textwrap
 from collections.abc import Iterator
@@ -26,6 +27,18 @@ from .errors import UserError
 from .records import STATE_FILE, WEIGHTS_FILE, to_json
 
 logger = get_logger(__name__)
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops Accelerate's warning at each checkpoint of a model with tied weights ("Removed shared tensor
+    {'lm_head.weight'} while saving ... check by verifying that you don't receive any warning while reloading"): load
+    ties them again, and verifies every tensor. The logger's other warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # after Accelerate's "[RANK 0] "
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 PREFIX = "step_"
 

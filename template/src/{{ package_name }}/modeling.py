@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from .config import ConfigError, import_target, model_folder, user_path
 from .errors import warn
@@ -261,7 +262,7 @@ def build_model(cfg: DictConfig, auto_class, pretrained_kwargs: dict, scratch_kw
         config = AutoConfig.for_model(cfg.model_type, **{**own, **scratch_kwargs})
     refuse_other_architecture(config, auto_class, f"model.model_type={cfg.model_type}")
     # A key that the architecture does not know becomes a new attribute of its config, which nothing reads.
-    default = AutoConfig.for_model(cfg.model_type)
+    default = default_config(cfg.model_type)
     unknown = [key for key in own if not has_key(default, key) and key in config.to_dict()]
     refuse_unknown_keys([key for key in unknown if not read_by_the_model(auto_class, config, key)], default)
     # Where a task has several classes for one model type (DeiT, LeViT: with and without a teacher), transformers
@@ -300,11 +301,16 @@ def refuse_beyond_memory(auto_class, config: PretrainedConfig, what: str) -> Non
 
 
 def default_config(model_type: str | None) -> PretrainedConfig | None:
-    """The config of `model_type` at its defaults, or None for no model type or one this transformers lacks."""
+    """The config of `model_type` at its defaults, or None for no model type or one this transformers lacks. Quiet:
+    some warn of their own defaults (StarCoder2's token ids, beyond its vocabulary), which are not the run's."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
     try:
         return AutoConfig.for_model(model_type) if model_type else None
     except ValueError:
         return None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def has_key(config: PretrainedConfig, key: str) -> bool:
