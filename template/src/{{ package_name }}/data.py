@@ -206,6 +206,8 @@ def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: 
     if cfg.train_split not in raw:
         raise DataError(f"data.train_split={cfg.train_split!r} is not a split of the dataset; it has {list(raw)}")
     for name, dataset in raw.items():
+        if any("." in column and column not in dataset.column_names for column in columns.values()):
+            dataset = dataset.flatten()  # a field by its dotted name: translation.en of WMT's {"en": ..., "de": ...}
         require_columns(dataset, columns)
         raw[name] = as_text(dataset, {key: columns[key] for key in text})
     if cfg.eval_split in raw:
@@ -216,7 +218,15 @@ def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: 
             "data.eval_split to one of them, or data.eval_split=null to hold out data.eval_fraction of train"
         )
     else:
-        held_out = raw[cfg.train_split].train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        train = raw[cfg.train_split]
+        try:
+            held_out = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        except ValueError:  # a split of one example: a text file of one paragraph, say
+            raise DataError(
+                f"{source(train)} has {len(train)} example(s), too few to hold out data.eval_fraction="
+                f"{cfg.eval_fraction} of them for validation: give a validation split (data.files.validation=...) or "
+                "more examples (a .txt file holds one per paragraph: blank lines separate them)"
+            ) from None
         held_out["test"].info.description = f"{cfg.eval_fraction} held out of {source(raw[cfg.train_split])}"
         splits = {"train": held_out["train"], "validation": held_out["test"]}
     others = {name: split for name, split in raw.items() if name not in (cfg.train_split, cfg.eval_split)}
@@ -258,13 +268,16 @@ def as_text(dataset: Dataset, columns: dict) -> Dataset:
     for key, column in columns.items():
         feature = dataset.features[column]
         if not isinstance(feature, Value):
-            raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds {feature}, not text")
+            fields = list(feature) if isinstance(feature, dict) else getattr(feature, "languages", None)  # Translation
+            inside = f"; name a field of it, {key}={column}.{fields[0]} (its fields: {fields})" if fields else ""
+            raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds {feature}, not text{inside}")
         if feature.dtype not in ("string", "large_string"):
             dataset = dataset.cast_column(column, Value("string"))
         cells = dataset.with_format("arrow")[column]
-        try:
+        try:  # Latin-1 text, say, which pyarrow's json reader passes on unchecked: a full validation reads every byte
+            cells.validate(full=True)
             blank = len(cells) and not pc.max(pc.utf8_length(pc.utf8_trim_whitespace(cells))).as_py()
-        except pa.ArrowInvalid:  # Latin-1 text, say, which pyarrow's json reader passes on unchecked
+        except pa.ArrowInvalid:
             raise DataError(f"{source(dataset)}: column {column!r} ({key}) is {NOT_UTF8}") from None
         if blank:
             raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds no text, only blank cells")
