@@ -145,8 +145,19 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
             by_class = all(
                 any(p.is_dir() for p in path.iterdir()) and not any(path.glob("metadata.*")) for path in files.values()
             )
+            for split, path in files.items():
+                if not any(path.glob("metadata.*")):
+                    refuse_images_off_class_folders(split, path)
             patterns = {split: str(path / "**") for split, path in files.items()}
-            raw = load_dataset("imagefolder", data_files=patterns, drop_labels=False if by_class else None)
+            try:
+                raw = load_dataset("imagefolder", data_files=patterns, drop_labels=False if by_class else None)
+            except ValueError as error:  # 'Instruction "train" corresponds to no data'
+                if "corresponds to no data" not in str(error):
+                    raise
+                raise DataError(
+                    f"data.files: a split folder holds no image that datasets reads in its class folders (folders that "
+                    f"are links are not followed): {str(error).splitlines()[0]}"
+                ) from None
         else:
             for split, path in files.items():
                 folder = path.is_dir() and not saved_to_disk(path)
@@ -176,6 +187,33 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
     for split, dataset in raw.items():
         dataset.info.description = sources[split]  # kept through map, cast and train_test_split
     return raw
+
+
+def refuse_images_off_class_folders(split: str, folder: Path) -> None:
+    """An image folder holds <folder>/<label>/<image>: an image's class is the folder it sits in. An image elsewhere
+    (at the top, in a subfolder of a class, or a folder of split folders given as one split) would get another class,
+    or validation images would train, without a word."""
+    import PIL.Image  # here: only image folders need it
+
+    extensions = set(PIL.Image.registered_extensions())
+    shown = [  # what imagefolder reads: not hidden files and folders (.DS_Store, ._x.png, .ipynb_checkpoints)
+        path.relative_to(folder)
+        for path in folder.rglob("*")
+        if path.suffix.lower() in extensions
+        and not any(p.startswith((".", "__")) for p in path.relative_to(folder).parts)
+    ]
+    off = [path for path in shown if len(path.parts) != 2]
+    if off:
+        raise DataError(
+            f"data.files.{split}={folder}: {len(off)} images are not in a class folder, <folder>/<label>/<image> "
+            f"(e.g. {off[0]}): an image's class is the folder it sits in; give the folder of the class folders, one "
+            "per split, or move those images"
+        )
+    if not shown:
+        raise DataError(
+            f"data.files.{split}={folder} holds no image in a class folder, <folder>/<label>/<image> (folders that are "
+            "links are not followed)"
+        )
 
 
 def load_hub_dataset(cfg: DictConfig, builtin: dict) -> DatasetDict:
