@@ -291,13 +291,27 @@ def require_columns(dataset: Dataset, columns: dict) -> None:
                 hint = f"one column: is it separated by {separator!r}, not commas?"
             raise DataError(f"{source(dataset)} has no column {column!r}; its columns are {present} ({hint})")
         cells = dataset.with_format("arrow")[column]  # Arrow: nothing decoded (images, say)
-        if cells.null_count:
-            row = pc.index(pc.is_null(cells), True).as_py() + 1
-            others = f" (and {cells.null_count - 1} more rows)" if cells.null_count > 1 else ""
-            raise DataError(
-                f"{source(dataset)}: row {row}{others} has an empty cell in column {column!r} ({key}); "
-                "fill it or drop the row"
-            )
+        _refuse_empty(dataset, key, column, pc.is_null(cells))
+
+
+def refuse_blank_text(dataset: Dataset, columns: dict) -> None:
+    """Text cells of nothing but spaces in `columns` (config keys -> column names; as_text's strings) are refused as
+    empty cells are: a csv file has none there, a jsonl file keeps "" (an empty reference matches an empty output)."""
+    for key, column in columns.items():
+        cells = dataset.with_format("arrow")[column]
+        _refuse_empty(dataset, key, column, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(cells)), 0))
+
+
+def _refuse_empty(dataset: Dataset, key: str, column: str, empty) -> None:
+    """A DataError naming the first row (counted from 1, after any header) where `empty`, a boolean array, is true."""
+    count = pc.sum(empty).as_py() or 0
+    if count:
+        row = pc.index(empty, True).as_py() + 1
+        others = f" (and {count - 1} more rows)" if count > 1 else ""
+        raise DataError(
+            f"{source(dataset)}: row {row}{others} has an empty cell in column {column!r} ({key}); fill it or drop "
+            "the row"
+        )
 
 
 def as_text(dataset: Dataset, columns: dict) -> Dataset:
