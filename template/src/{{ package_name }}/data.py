@@ -322,6 +322,8 @@ def as_text(dataset: Dataset, columns: dict) -> Dataset:
         if not isinstance(feature, Value):
             fields = list(feature) if isinstance(feature, dict) else getattr(feature, "languages", None)  # Translation
             inside = f"; name a field of it, {key}={column}.{fields[0]} (its fields: {fields})" if fields else ""
+            if type(feature).__name__ == "Json":  # what datasets makes of a json column of several kinds of values
+                feature, inside = "values of several kinds", " (numbers and strings, say): write every value as text"
             raise DataError(f"{source(dataset)}: column {column!r} ({key}) holds {feature}, not text{inside}")
         if feature.dtype not in ("string", "large_string"):
             dataset = dataset.cast_column(column, Value("string"))
