@@ -427,9 +427,9 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
         for name, values in texts.items():
             unknown = sorted(values - set(names), key=_natural)
             if unknown:
-                raise DataError(
-                    f"{source(splits[name])}: the {name} split has labels in column {column!r} ({key}) that the model "
-                    f"was not trained for: {unknown[:10]}; it knows {names[:10]}"
+                raise DataError(  # evaluate.py's: its split may be a lone file, loaded as both train and validation
+                    f"{source(splits[name])} has labels in column {column!r} ({key}) that the model was not trained "
+                    f"for: {unknown[:10]}; it knows {names[:10]}"
                 )
         label = ClassLabel(names=names)
 
