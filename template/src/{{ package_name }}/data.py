@@ -140,14 +140,13 @@ def load_raw(cfg: DictConfig, builtin: dict) -> DatasetDict:
         matched = {split: matching(split, path, split == cfg.train_split) for split, path in files.items()}
         # Image folders, <folder>/<label>/<image files>; not the folders that save_to_disk writes.
         if all(path.is_dir() and not saved_to_disk(path) for path in files.values()):
-            # Labels from class subfolders, also where there is one class only (datasets would drop the column, and
-            # the task would report a missing column, not a single class); not with a metadata file of labels.
-            by_class = all(
-                any(p.is_dir() for p in path.iterdir()) and not any(path.glob("metadata.*")) for path in files.values()
-            )
+            metadata = {split: any(path.glob("metadata.*")) for split, path in files.items()}  # a file of labels
             for split, path in files.items():
-                if not any(path.glob("metadata.*")):
+                if not metadata[split]:
                     refuse_images_off_class_folders(split, path)
+            # Labels from the class subfolders, also where there is one class only (datasets would drop the column,
+            # and the task would report a missing column, not a single class); not with a metadata file of labels.
+            by_class = not any(metadata.values())
             patterns = {split: str(path / "**") for split, path in files.items()}
             try:
                 raw = load_dataset("imagefolder", data_files=patterns, drop_labels=False if by_class else None)
@@ -196,12 +195,9 @@ def refuse_images_off_class_folders(split: str, folder: Path) -> None:
     import PIL.Image  # here: only image folders need it
 
     extensions = set(PIL.Image.registered_extensions())
-    shown = [  # what imagefolder reads: not hidden files and folders (.DS_Store, ._x.png, .ipynb_checkpoints)
-        path.relative_to(folder)
-        for path in folder.rglob("*")
-        if path.suffix.lower() in extensions
-        and not any(p.startswith((".", "__")) for p in path.relative_to(folder).parts)
-    ]
+    images = [path.relative_to(folder) for path in folder.rglob("*") if path.suffix.lower() in extensions]
+    # What imagefolder reads: not hidden files and folders (._x.png, .ipynb_checkpoints), nor __MACOSX.
+    shown = [path for path in images if not any(part.startswith((".", "__")) for part in path.parts)]
     off = [path for path in shown if len(path.parts) != 2]
     if off:
         raise DataError(
@@ -265,7 +261,7 @@ def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: 
                 f"{cfg.eval_fraction} of them for validation: give a validation split (data.files.validation=...) or "
                 "more examples (a .txt file holds one per paragraph: blank lines separate them)"
             ) from None
-        held_out["test"].info.description = f"{cfg.eval_fraction} held out of {source(raw[cfg.train_split])}"
+        held_out["test"].info.description = f"{cfg.eval_fraction} held out of {source(train)}"
         splits = {"train": held_out["train"], "validation": held_out["test"]}
     others = {name: split for name, split in raw.items() if name not in (cfg.train_split, cfg.eval_split)}
     return DatasetDict({**splits, **others})
