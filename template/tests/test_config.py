@@ -96,6 +96,46 @@ def test_default_config_is_valid(pkg, make_config):
     pkg.config.validate(make_config())
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_an_optimizer_chosen_by_name_brings_its_own_file_and_not_the_tasks_values(task):
+    """A task tunes the learning rate and weight decay of its default optimizer (AdamW); optimizer=sgd must train with
+    configs/optimizer/sgd.yaml's, which the task's values silently replaced (SGD at an AdamW learning rate)."""
+    sgd = OmegaConf.load(CONFIG_DIR / "optimizer" / "sgd.yaml")
+    assert compose_config(f"task={task}", "optimizer=sgd").optimizer == OmegaConf.merge(
+        compose_config(f"task={task}").optimizer, sgd
+    )
+    task_file = OmegaConf.load(next((CONFIG_DIR / "task").glob(f"{task}.yaml")))
+    if "optimizer" in task_file:  # the default optimizer keeps the task's values
+        assert compose_config(f"task={task}").optimizer.lr == task_file.optimizer.lr
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_mode_against_the_tasks_main_metric_is_refused(pkg, task):
+    """checkpoint.mode=min with checkpoint.monitor unset (the task's main metric, accuracy): keep=best, early stopping
+    and a sweep's direction all turned the wrong way, refused only where the monitor was spelt out."""
+    built = pkg.config.build_task(compose_config(f"task={task}").task)
+    opposite = {"min": "max", "max": "min"}[built.metrics[built.main_metric].value]
+    message = f"checkpoint.mode={opposite} contradicts the task's main metric, {built.main_metric}, whose better"
+    with pytest.raises(pkg.config.ConfigError, match=message):
+        pkg.config.validate(compose_config(f"task={task}", f"checkpoint.mode={opposite}"))
+    pkg.config.validate(compose_config(f"task={task}", f"checkpoint.mode={built.metrics[built.main_metric].value}"))
+
+
+@pytest.mark.parametrize(
+    "optimizer, setting",
+    [("adamw", "optimizer.momentum=0.5"), ("sgd", "optimizer.beta1=0.5"), ("sgd", "optimizer.eps=0.001")],
+)
+def test_an_optimizer_setting_that_the_optimizer_does_not_read_is_warned_of(
+    pkg, make_config, optimizer, setting, caplog
+):
+    cfg = make_config(f"optimizer={optimizer}", setting)
+    pkg.optim.build_optimizer(cfg.optimizer, torch.nn.Linear(2, 2))
+    assert f"{setting} does nothing with optimizer.name={optimizer}" in caplog.text
+    caplog.clear()
+    pkg.optim.build_optimizer(make_config(f"optimizer={optimizer}").optimizer, torch.nn.Linear(2, 2))
+    assert "does nothing" not in caplog.text  # the optimizer's own file sets nothing it does not read
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [

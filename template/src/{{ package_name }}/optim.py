@@ -6,13 +6,33 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
-from .config import OptimizerName, SchedulerName
+from .config import OptimizerConfig, OptimizerName, SchedulerName
 from .errors import warn
 
 logger = logging.getLogger(__name__)
 
+# The settings of OptimizerConfig that only some optimizers read (lr and weight_decay: all of them).
+READ_BY = {
+    "momentum": (OptimizerName.sgd,),
+    **dict.fromkeys(["beta1", "beta2", "eps"], (OptimizerName.adamw, OptimizerName.adam)),
+}
+
+
+def unread_settings(name: OptimizerName) -> list:
+    """The optimizer.* keys that optimizer.name=`name` does not read: a value given to one of them changes nothing."""
+    return [key for key, readers in READ_BY.items() if name not in readers]
+
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    defaults = OptimizerConfig()
+    for key in unread_settings(cfg.name):
+        if cfg[key] != getattr(defaults, key):  # set on purpose (the schema's default is nobody's choice)
+            readers = " or ".join(name.value for name in READ_BY[key])
+            warn(
+                logger,
+                f"optimizer.{key}={cfg[key]} does nothing with optimizer.name={cfg.name.value}: only {readers} reads "
+                f"it (optimizer={READ_BY[key][0].value} to use it)",
+            )
     # No weight decay on biases and norm weights (the usual transformers recipe).
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
