@@ -384,7 +384,15 @@ def make_dataloaders(datasets: DatasetDict, cfg: DictConfig, collate, seed: int)
 
 
 def make_eval_dataloader(dataset, cfg: DictConfig, collate) -> DataLoader:
-    return DataLoader(dataset, batch_size=cfg.eval_batch_size, collate_fn=collate, num_workers=cfg.num_workers)
+    # Its own generator too: each pass over a DataLoader draws a seed for its workers, from the global RNG without
+    # one, and training's dropout masks after an evaluation would depend on how often the run evaluates.
+    return DataLoader(
+        dataset,
+        batch_size=cfg.eval_batch_size,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 MANY_CLASSES = 20  # more classes than this, each of one or two training examples on average, are warned of
@@ -414,12 +422,20 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
     feature = splits["train"].features[column]
     if not isinstance(feature, ClassLabel):
         _refuse_names_of_one_label(uniques, column, key)
-    if isinstance(feature, ClassLabel) and known in (None, feature.names):
+    # Class ids mean the same in every split only where each split's ClassLabel has the same names (a split saved
+    # on its own numbers its classes by what it holds): else every split is read by its label names.
+    same_ids = all(
+        isinstance(split.features[column], ClassLabel) and split.features[column].names == feature.names
+        for split in splits.values()
+    )
+    if same_ids and known in (None, feature.names):
         seen = {name: set(values) for name, values in uniques.items()}
         names = feature.names
     else:
         texts = {name: set(map(_as_text(splits[name], column), values)) for name, values in uniques.items()}
         names = known or sorted(set().union(*texts.values()), key=_natural)
+        if known is None and isinstance(feature, ClassLabel):  # the training split's order of its classes, first
+            names = feature.names + [name for name in names if name not in feature.names]
         for name, values in texts.items():
             unknown = sorted(values - set(names), key=_natural)
             if unknown:
@@ -495,7 +511,11 @@ def _without_unlabelled_splits(splits: DatasetDict, uniques: dict, column: str, 
 def _as_text(split: Dataset, column: str) -> Callable:
     """What gives a label's name: a class id's name where the column is a ClassLabel already, else str."""
     feature = split.features[column]
-    return feature.int2str if isinstance(feature, ClassLabel) else str
+    if isinstance(feature, ClassLabel):
+        return feature.int2str
+    if isinstance(feature, Value) and feature.dtype.startswith("float"):  # 2.0 in one file and 2 in another: one class
+        return lambda value: str(int(value)) if float(value).is_integer() else str(value)
+    return str
 
 
 def _refuse_names_of_one_label(uniques: dict, column: str, key: str) -> None:
