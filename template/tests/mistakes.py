@@ -35,17 +35,18 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def train_script_first(*args: str, cut_short: str | None = None) -> Callable:
+def train_script_first(*args: str, cut_short: str | list | None = None) -> Callable:
     """A `prepare` that runs train.py on the toy run into {tmp}/run first (plus `args`): the mistake's run folder,
-    with what Hydra writes too (.hydra/config.yaml, train.log); then cuts the run's file `cut_short` to half."""
+    with what Hydra writes too (.hydra/config.yaml, train.log); then cuts the run's file `cut_short` (or each of a
+    list) to half."""
 
     def prepare(tmp: Path, toy: list, pkg, make_config) -> None:
         code, output = run_in_process(
             "train.py", [*toy, *[a.format(tmp=tmp) for a in args], f"hydra.run.dir={tmp / 'run'}"]
         )
         assert code == 0, output
-        if cut_short:
-            truncate(tmp / "run" / cut_short)
+        for path in [cut_short] if isinstance(cut_short, str) else cut_short or []:
+            truncate(tmp / "run" / path)
 
     return prepare
 

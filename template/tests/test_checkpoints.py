@@ -236,20 +236,33 @@ def strict_json(path, lines: bool = False):
     return values if lines else values[0]
 
 
-def test_nonfinite_loss_can_be_skipped_and_counted(pkg, make_config, toy_overrides, tmp_path):
+def test_nonfinite_loss_can_be_skipped_and_counted(pkg, make_config, toy_overrides, tmp_path, caplog):
     overrides = [*toy_overrides, *ABSURD_LR, "trainer.max_steps=6", "checkpoint.every_n_steps=3"]
     # Step 1's update, after a finite loss, blows the weights up; steps 2 to 6 are skipped. The weights stay finite
     # but the model's outputs do not: its validation loss is nan, and it is not exported.
     with pytest.raises(pkg.loop.NonFiniteLossError, match="the validation loss after step 6 is nan; the last finite"):
         pkg.loop.train(make_config(*overrides, "trainer.nonfinite_loss=skip"), tmp_path)
     assert not (tmp_path / "model").exists()
-    state = strict_json(tmp_path / "checkpoints" / STEP.format(6) / "trainer_state.json")["trainer"]
-    assert state["step"] == 6 and state["skipped_steps"] == 5
-    weights = load_file(tmp_path / "checkpoints" / STEP.format(6) / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert "step 6: loss is nan; update skipped (5 so far)" in caplog.text
+    # Steps 3 and 6 end on a skipped update: the model that diverged is saved as no checkpoint.
+    assert pkg.checkpoints.list_complete(tmp_path / "checkpoints") == []
+    assert "step 3: no checkpoint, as its loss was not finite" in caplog.text
     # The logged validation loss is not finite: written as null, so every file stays valid JSON.
     logged = strict_json(tmp_path / "metrics.jsonl", lines=True)
     assert [line["eval/loss"] for line in logged if "eval/loss" in line] == [None]
+
+
+def test_a_run_that_diverges_with_skipped_updates_keeps_the_checkpoints_from_before(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    every_3 = [*toy_overrides, "checkpoint.every_n_steps=3", "checkpoint.keep_count=1", "scheduler=constant"]
+    pkg.loop.train(make_config(*every_3, "trainer.max_steps=3"), tmp_path)
+    # Going on at a learning rate that diverges, skipping the non-finite steps: keep_count=1 would prune step 3 for
+    # each newer checkpoint, all of a model that no longer works.
+    diverging = [*ABSURD_LR, "trainer.nonfinite_loss=skip", "trainer.max_steps=9", "resume=latest"]
+    with pytest.raises(pkg.loop.NonFiniteLossError, match="the checkpoints written so far are untouched"):
+        pkg.loop.train(make_config(*every_3, *diverging, "resume_allow=[optimizer.lr]"), tmp_path)
+    assert [path.name for path in pkg.checkpoints.list_complete(tmp_path / "checkpoints")] == [STEP.format(3)]
 
 
 def test_skipped_updates_are_bounded_and_a_run_past_the_bound_exports_nothing(

@@ -38,6 +38,23 @@ def test_exported_model_and_checkpoint_evaluate_to_what_training_reported(pkg, m
 
 
 @pytest.mark.parametrize("task", TASKS)
+def test_an_export_evaluates_with_the_seed_and_task_settings_it_was_trained_with(
+    pkg, make_config, toys, tmp_path, task
+):
+    """evaluate.py given the model folder and the data only: the run's seed, which drew its held-out validation split
+    (the command's default drew other rows, most of them trained on), and the run's task.* settings come with the
+    export."""
+    overrides = [*toys(task), "~data.files.validation", "trainer.seed=7", "trainer.max_steps=6"]
+    trained = pkg.loop.train(make_config(*overrides), tmp_path / "train")
+
+    reset_accelerate_state()
+    exported = f"model.name_or_path='{tmp_path / 'train' / 'model'}'"
+    command = [o for o in overrides if not o.startswith(("task.", "trainer.seed", "model.name_or_path"))]
+    result = pkg.loop.evaluate_saved(make_config(*command, exported, config_name="evaluate"), tmp_path / "evaluated")
+    assert result["metrics"] == trained["metrics"]
+
+
+@pytest.mark.parametrize("task", TASKS)
 def test_a_saved_model_computes_in_memory_aligned_as_torch_aligns_its_own(pkg, make_config, toys, tmp_path, task):
     """from_pretrained leaves the weights 16 bytes off the 64-byte alignment of torch's own memory, and on a CPU the
     kernels then compute other last digits than the trained model did: a regression head's RMSE differed in the 9th

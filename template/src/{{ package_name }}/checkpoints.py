@@ -24,7 +24,7 @@ from transformers.utils import logging as transformers_logging
 
 from .config import KeepPolicy, MetricMode, user_path
 from .errors import UserError
-from .records import STATE_FILE, WEIGHTS_FILE, to_json
+from .records import RUN_CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, to_json
 
 logger = get_logger(__name__)
 
@@ -169,6 +169,12 @@ def verify(path: Path) -> dict:
     return record
 
 
+def exported_config(folder: Path | None) -> dict | None:
+    """The config of the run whose export `folder` is (None: not a train.py export, or one of older code)."""
+    path = None if folder is None else folder / RUN_CONFIG_FILE
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
 def list_complete(folder: Path) -> list:
     """Checkpoint folders that finished saving, oldest first (not yet verified)."""
     if not folder.is_dir():
@@ -184,30 +190,43 @@ def resolve_resume(resume: str | None, folder: Path) -> Path | None:
         path = user_path(resume)
         verify(path)
         return path
+    bad = []
     for path in reversed(list_complete(folder)):
         try:
             verify(path)
             return path
         except CorruptCheckpointError as error:
             logger.warning(f"skipping a bad checkpoint: {error}", main_process_only=True)
+            bad.append(path.name)
+    if bad:  # starting over would write over the run that saved them, which may be all there is of it
+        raise CorruptCheckpointError(
+            f"resume=latest: no checkpoint of {folder} is whole ({', '.join(bad)}; see above), so there is nothing to "
+            "continue: start a new run (resume=null, in a new hydra.run.dir), or give resume=<checkpoint folder>"
+        )
     return None  # nothing yet: start from scratch (so a preempted job can be requeued as it was)
 
 
 @contextmanager
-def fitting(path: Path) -> Iterator[None]:
+def fitting(path: Path, accepted: list = ()) -> Iterator[None]:
     """Loading the state of checkpoint `path`, saved by an earlier run: parameters of other names or shapes than the
-    code builds now are a CheckpointMismatchError that names them."""
+    code builds now are a CheckpointMismatchError that names them, and its cause: a change of the model's config that
+    resume_allow accepted (`accepted`: "key: old -> new"), else of the code."""
     try:
         yield
     except (RuntimeError, ValueError, KeyError) as error:
-        now, saved_with = versions(), read_record(path)["versions"]
-        changed = [f"{name} {saved} -> {now[name]}" for name, saved in saved_with.items() if now[name] != saved]
-        libraries = f" (or a library: {', '.join(changed)})" if changed else ""
         reason = textwrap.shorten(str(error), 300, placeholder=" ...")
+        model_changes = [change for change in accepted if change.startswith(("model.", "task."))]
+        if model_changes:
+            cause = f"resume_allow accepted changes of the model that change its shapes ({'; '.join(model_changes)})"
+            advice = "Resume with the checkpoint's model config"
+        else:
+            now, saved_with = versions(), read_record(path)["versions"]
+            changed = [f"{name} {saved} -> {now[name]}" for name, saved in saved_with.items() if now[name] != saved]
+            libraries = f" (or a library: {', '.join(changed)})" if changed else ""
+            cause, advice = f"the model's code changed since it was saved{libraries}", "Use the code it was saved with"
         raise CheckpointMismatchError(
-            f"{path}: its state does not fit what this code builds ({reason}): the model's code changed since it was "
-            f"saved{libraries}. Use the code it was saved with, or start a new run (resume=null, in a new "
-            "hydra.run.dir)"
+            f"{path}: its state does not fit what this code builds ({reason}): {cause}. {advice}, or start a new run "
+            "(resume=null, in a new hydra.run.dir)"
         ) from None
 
 
@@ -244,11 +263,15 @@ def prune(folder: Path, cfg: DictConfig, metric: str, mode: MetricMode) -> None:
             shutil.rmtree(path)
 
 
-def export(accelerator: Accelerator, model, processor, folder: Path, labels: list | None = None) -> None:
+def export(
+    accelerator: Accelerator, model, processor, folder: Path, labels: list | None = None, config: dict | None = None
+) -> None:
     """Write a `from_pretrained` folder (safetensors on CPU, config, tokenizer or image processor) on the main
     process. Your own module (no save_pretrained) gets its weights in model.safetensors, which
     `model.name_or_path=<folder>` loads back into it (modeling.build_own_module), and a classifier's `labels` in
-    that file's metadata (a transformers model keeps them in its config.json).
+    that file's metadata (a transformers model keeps them in its config.json). `config`, the run's, goes into
+    run_config.json: evaluate.py reads the folder with the settings it was trained with (task.*, your module's
+    model.config, the seed that drew a held-out validation split), which no weight records.
 
     Every process calls this: `get_state_dict` gathers the full state dict when the model is sharded
     (FSDP, DeepSpeed ZeRO-3).
@@ -257,6 +280,8 @@ def export(accelerator: Accelerator, model, processor, folder: Path, labels: lis
     if accelerator.is_main_process:
         with written("the model", folder):
             write_model(accelerator.unwrap_model(model), processor, folder, state_dict, labels)
+            if config is not None:
+                (folder / RUN_CONFIG_FILE).write_text(to_json(config, indent=2))
     accelerator.wait_for_everyone()
 
 

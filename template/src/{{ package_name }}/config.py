@@ -469,10 +469,11 @@ def _task_problems(cfg: DictConfig) -> list:
     monitor = cfg.checkpoint.monitor
     if monitor is not None and monitor not in metrics:
         problems.append(f"checkpoint.monitor={monitor} is not a metric of this task; its metrics are {list(metrics)}")
-    elif monitor is not None and cfg.checkpoint.mode not in (None, metrics[monitor]):
+    elif cfg.checkpoint.mode not in (None, metrics[monitor or task.main_metric]):
+        monitored = f"checkpoint.monitor={monitor}" if monitor else f"the task's main metric, {task.main_metric},"
         problems.append(
-            f"checkpoint.mode={cfg.checkpoint.mode.value} contradicts checkpoint.monitor={monitor}, "
-            f"whose better values are {metrics[monitor].value}; leave checkpoint.mode unset (null)"
+            f"checkpoint.mode={cfg.checkpoint.mode.value} contradicts {monitored} whose better values are "
+            f"{metrics[monitor or task.main_metric].value}; leave checkpoint.mode unset (null)"
         )
     return problems
 
@@ -590,6 +591,17 @@ def validate(cfg: DictConfig) -> None:
     if subset is not None and not (subset > 0 and (subset <= 1 or subset == int(subset))):
         problems.append(
             f"data.train_subset={subset} is neither a fraction in (0, 1] nor a whole count of examples; null: all"
+        )
+    checkpoint, eval_every = cfg.checkpoint, cfg.trainer.eval_every_n_steps
+    if (
+        checkpoint.keep != KeepPolicy.latest
+        and checkpoint.every_n_steps
+        and (not eval_every or checkpoint.every_n_steps % eval_every)
+    ):
+        problems.append(  # a checkpoint's record holds the metrics of the last evaluation, maybe of an older step
+            f"checkpoint.keep={checkpoint.keep.value} ranks checkpoints by the evaluation at their step, and "
+            f"trainer.eval_every_n_steps={eval_every} does not evaluate every checkpoint (checkpoint.every_n_steps="
+            f"{checkpoint.every_n_steps}): make checkpoint.every_n_steps a multiple of trainer.eval_every_n_steps"
         )
     if cfg.trainer.early_stopping_patience and not cfg.trainer.eval_every_n_steps:
         problems.append(

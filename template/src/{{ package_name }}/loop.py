@@ -32,13 +32,14 @@ from .config import (
     TrainerConfig,
     build_task,
     import_target,
+    model_folder,
     to_container,
     user_path,
     validate,
 )
 from .data import DataError, make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, ModelError, UserError, sigterm_stops_like_ctrl_c
-from .metrics_log import MetricsFile, Throughput, append_stop, append_summary, readable
+from .metrics_log import MetricsFile, Throughput, append_start, append_stop, append_summary, readable
 from .modeling import refuse_untrained, saved_labels
 from .optim import build_optimizer, build_scheduler, keep_configured_settings
 from .records import METRICS_FILE, task_name, to_json
@@ -239,6 +240,11 @@ class NonFiniteGuard:
         if broken:
             raise self.stopped(f"{broken} weight tensors hold NaN or inf after step {self.state['step']}")
 
+    def last_update_skipped(self) -> bool:
+        """trainer.nonfinite_loss=skip: was the latest step's loss non-finite? Its model may be one that diverged (an
+        update made the weights huge but finite), which a checkpoint must not keep in place of the ones before."""
+        return bool(self.losses) and not math.isfinite(self.losses[-1])
+
     def check_evaluation(self, metrics: dict) -> None:
         """A validation loss of NaN or inf: the weights are finite but give outputs that are not (an update made them
         huge), and nothing of this model may leave the run."""
@@ -311,7 +317,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = make_accelerator(trainer, run_dir)
     ranks = launch.gathered_ranks(accelerator)  # fails at once if the launched processes did not form one group
-    resume_from = checkpoints.resolve_resume(cfg.resume, run_dir / "checkpoints")
+    resume_from, accepted = checkpoints.resolve_resume(cfg.resume, run_dir / "checkpoints"), []
     if resume_from is not None:  # before anything is built: a changed model fails here, not in load_state
         accepted = run_folder.check_resume(resume_from, cfg, accelerator.num_processes)
         if accepted:
@@ -323,6 +329,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     task = build_task(cfg.task)
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         datasets = task.load(cfg.data, cfg.model, seed)
+    if resume_from is not None:  # before the model: another number of classes would not load as its state
+        run_folder.check_same_labels(resume_from, checkpoints.read_record(resume_from).get("labels"), task.labels)
     datasets["train"] = training_subset(datasets["train"], cfg.data.train_subset, seed, task.stratify_by)
     train_dl, eval_dl = make_dataloaders(datasets, cfg.data, task.collate, seed)
     set_seed(seed, deterministic=trainer.deterministic)
@@ -341,7 +349,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     state = new_state(seed, train_data)
     if resume_from is not None:
         configured = optimizer.state_dict()  # the config's settings, which the checkpoint's replace as it loads
-        with checkpoints.fitting(resume_from):  # resolve_resume verified it: hashing a large checkpoint once is enough
+        with checkpoints.fitting(resume_from, accepted):  # verified by resolve_resume: no second hashing
             state = checkpoints.load(accelerator, resume_from, verified=True)
         keep_configured_settings(optimizer, scheduler, configured)
         run_folder.check_same_data(resume_from, state.get("train_data"), train_data, cfg.resume_allow)
@@ -380,7 +388,7 @@ def evaluate_and_decide(run: Run) -> None:
         if samples:
             accelerator.log({f"samples/{k}": v for k, v in samples.items()}, step=step)
     if run.stopping.update(state) and run.cfg.checkpoint.keep != KeepPolicy.latest:
-        checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "best_model", run.task.labels)
+        export(run, "best_model")
     if run.stopping.should_stop(state):
         accelerator.set_trigger()
     # Every process takes the same decision (a rank that stopped alone would hang the others).
@@ -393,11 +401,24 @@ def evaluate_and_decide(run: Run) -> None:
         )
 
 
+def save_checkpoint(run: Run) -> None:
+    """A checkpoint of this step, and the keep policy's pruning of the older ones."""
+    step, checkpoint_dir = run.state["step"], run.run_dir / "checkpoints"
+    if run.guard.last_update_skipped():
+        logger.warning(f"step {step}: no checkpoint, as its loss was not finite", main_process_only=True)
+        return
+    checkpoints.save(run.accelerator, checkpoint_dir, run.state, to_container(run.cfg), run.task.labels)
+    if run.accelerator.is_main_process:
+        checkpoints.prune(checkpoint_dir, run.cfg.checkpoint, run.stopping.metric, run.stopping.mode)
+
+
 def fit(run: Run) -> list:
     """Train until trainer.max_steps or early stopping; return the loss of every optimizer step taken."""
     cfg, accelerator, state, trainer, guard = run.cfg, run.accelerator, run.state, run.trainer, run.guard
-    checkpoint_every, checkpoint_dir = cfg.checkpoint.every_n_steps, run.run_dir / "checkpoints"
+    checkpoint_every = cfg.checkpoint.every_n_steps
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
+    if accelerator.is_main_process:
+        append_start(run.run_dir / METRICS_FILE, state["step"], run.stopping.metric, run.stopping.mode.value)
     run.model.train()
     # One optimizer step per cycle of `gradient_accumulation_steps` micro-batches. Cycles run on across
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
@@ -433,11 +454,17 @@ def fit(run: Run) -> list:
                 evaluate_and_decide(run)
             if checkpoint_every and step % checkpoint_every == 0:
                 guard.check_all(accelerator, run.model)
-                checkpoints.save(accelerator, checkpoint_dir, state, to_container(cfg), run.task.labels)
-                if accelerator.is_main_process:
-                    checkpoints.prune(checkpoint_dir, cfg.checkpoint, run.stopping.metric, run.stopping.mode)
+                save_checkpoint(run)
     guard.check_all(accelerator, run.model)  # before finish evaluates and exports
     return guard.losses
+
+
+def export(run: Run, name: str) -> None:
+    """The model as a from_pretrained folder `name` in the run folder, with the labels and the config it was trained
+    with (evaluate.py reads them)."""
+    checkpoints.export(
+        run.accelerator, run.model, run.task.processor, run.run_dir / name, run.task.labels, to_container(run.cfg)
+    )
 
 
 def end(run: Run) -> None:
@@ -459,7 +486,9 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
         state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
         accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
         run.guard.check_evaluation(state["metrics"])
-    checkpoints.export(accelerator, run.model, run.task.processor, run.run_dir / "model", run.task.labels)
+    checkpoints.export(
+        accelerator, run.model, run.task.processor, run.run_dir / "model", run.task.labels, to_container(run.cfg)
+    )
     end(run)
     result = {
         "step": state["step"],
@@ -502,7 +531,8 @@ def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], N
     is called with (step, metrics) after each evaluation during training; an exception it raises ends the run
     cleanly (trackers closed, memory freed) and reaches the caller."""
     started = time.perf_counter()
-    run = setup(cfg, Path(run_dir))
+    with run_folder.restored_if_refused(Path(run_dir)):  # a resume refused in setup leaves .hydra/ as it was
+        run = setup(cfg, Path(run_dir))
     run.on_evaluation = on_evaluation
     try:
         if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
@@ -520,21 +550,49 @@ def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], N
         raise
 
 
-def evaluate_saved(cfg: DictConfig, run_dir: Path) -> dict:
+def take_run_settings(cfg: DictConfig, saved: dict | None, command_line: list) -> bool:
+    """evaluate.py: the settings of the run that saved the model (`saved`, its config; None from older code) replace
+    the command's, but for those its command line sets: the task (task.max_length, ...), the seed and fraction that
+    drew a held-out validation split, and the model config (a checkpoint's whole model; your own module's
+    model.config, which no weight records). A transformers export keeps its architecture in its config.json.
+    `command_line`: the overrides of the evaluate.py command."""
+    if saved is None:
+        return False
+    saved, command = OmegaConf.create(saved), cfg.copy()
+    given = [override.lstrip("+~").partition("=")[0] for override in command_line]
+    with open_dict(cfg):  # replaced, not merged: nothing of the default task or model stays
+        cfg.task = saved.task
+        cfg.trainer.seed, cfg.data.eval_fraction = saved.trainer.seed, saved.data.eval_fraction
+        if cfg.checkpoint_path is not None:
+            cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
+        elif saved.model._target_ is not None:  # your own module's export: its class and arguments
+            cfg.model._target_, cfg.model.model_type, cfg.model.config = saved.model._target_, None, saved.model.config
+        for key in given:
+            if key.startswith(("task.", "model.config.")) or key in ("trainer.seed", "data.eval_fraction"):
+                OmegaConf.update(cfg, key, OmegaConf.select(command, key), force_add=True)
+    return True
+
+
+def evaluate_saved(cfg: DictConfig, run_dir: Path, command_line: list = ()) -> dict:
     """evaluate.py: the metrics and per-example predictions of a saved model on the split `cfg.split`, written into
-    `run_dir` as metrics.json and predictions.jsonl. A checkpoint (`cfg.checkpoint_path`) brings the task and the
-    model config of its run; its weights replace the model's."""
+    `run_dir` as metrics.json and predictions.jsonl. A checkpoint (`cfg.checkpoint_path`) or a train.py export brings
+    the settings of its run (take_run_settings), but for those that `command_line` sets; a checkpoint's weights
+    replace the model's."""
     checkpoint = None if cfg.checkpoint_path is None else user_path(cfg.checkpoint_path)
     command_task = cfg.task._target_  # the task whose data config this command composed
     if checkpoint is not None:
         if not checkpoint.is_dir():
             raise ConfigError(f"checkpoint_path={cfg.checkpoint_path}: no such folder")
         record = checkpoints.verify(checkpoint)
-        saved = OmegaConf.create(record["config"])
-        with open_dict(cfg):  # replaced, not merged: nothing of the default task or model stays
-            cfg.task, cfg.model = saved.task, OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
+        run_settings = take_run_settings(cfg, record["config"], command_line)
+    else:
+        folder = None if cfg.model.name_or_path is None else model_folder(cfg.model.name_or_path)
+        run_settings = take_run_settings(cfg, checkpoints.exported_config(folder), command_line)
     validate(cfg)
     accelerator = make_accelerator(cfg.trainer, run_dir)
+    if run_settings:
+        source = checkpoint or cfg.model.name_or_path
+        logger.info(f"task and model settings: those of the run of {source}", main_process_only=True)
     set_seed(cfg.trainer.seed, deterministic=cfg.trainer.deterministic)
     data = cfg.data
     if data.files and cfg.split in data.files and data.train_split not in data.files:

@@ -42,6 +42,12 @@ def append_summary(path: Path, result: dict) -> None:
     append_line(path, {"step": result["step"], "time": round(time.time(), 3), "summary": result})
 
 
+def append_start(path: Path, step: int, monitor: str, mode: str) -> None:
+    """The first line of a run (and of each resume): the metric it is judged by, for report.py to rank runs that have
+    not finished yet as they will be ranked when they have."""
+    append_line(path, {"step": step, "time": round(time.time(), 3), "monitor": monitor, "mode": mode})
+
+
 def append_stop(path: Path, step: int, error: BaseException) -> None:
     """The last line of a run that an exception ended (a sweep's pruner, a non-finite loss, Ctrl-C): what ended it."""
     stop = {"stopped_by": type(error).__name__, "reason": str(error).splitlines()[0] if str(error) else ""}
@@ -74,6 +80,17 @@ class MetricsFile(GeneralTracker):
             append_line(self.path, {"step": step, "time": round(now, 3), "elapsed": now - self.started, **numbers})
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak anew: a sweep or rank_check trains many runs in one process, each of its own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif sys.platform == "linux":
+        try:  # Linux resets the peak resident set size (VmHWM, getrusage's ru_maxrss) on this write
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:  # not allowed here: the process's peak so far
+            pass
+
+
 def peak_memory(device: torch.device) -> dict:
     """On a GPU the most memory tensors have taken on it (torch.cuda.max_memory_allocated); elsewhere the process's
     peak resident set size (getrusage), which counts everything the process holds, Python and libraries too."""
@@ -89,6 +106,7 @@ class Throughput:
 
     def __init__(self, accelerator: Accelerator, task: Task):
         self.accelerator, self.task = accelerator, task
+        reset_peak_memory(accelerator.device)
         self._reset()
 
     def _reset(self) -> None:

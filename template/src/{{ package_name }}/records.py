@@ -8,6 +8,7 @@ import math
 METRICS_FILE = "metrics.jsonl"  # in each run folder: metrics_log.py writes it, runs.py reads it
 STATE_FILE = "trainer_state.json"  # in each checkpoint, written last: a checkpoint folder without it is incomplete
 WEIGHTS_FILE = "model.safetensors"  # what checkpoints.export writes for a module without save_pretrained
+RUN_CONFIG_FILE = "run_config.json"  # in an exported model folder: the config of the run that trained it
 
 
 def _finite(value):

@@ -11,6 +11,8 @@ import fcntl
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,10 @@ RESUME_SAFE = (
 DECAYING_SCHEDULES = ("linear", "cosine")  # their learning rate at a step depends on trainer.max_steps
 
 
+# Run folder -> its .hydra/*.yaml as they were before Hydra wrote this run's over them (ClaimRunFolder, on a resume).
+PREVIOUS_CONFIG: dict = {}
+
+
 class RunFolderError(ConfigError):
     """A run folder that another run holds or uses, or a resume that would not continue the checkpoint's run."""
 
@@ -100,6 +106,13 @@ def check_resume(checkpoint: Path, cfg: DictConfig, num_processes: int) -> list:
     """Refuse to resume from `checkpoint` with a config that changes what its run trains on; return the changes that
     `resume_allow` accepts (the caller logs them)."""
     record = checkpoints.read_record(checkpoint)
+    step = record["trainer"]["step"]
+    if cfg.trainer.max_steps < step:
+        raise RunFolderError(
+            f"resume={cfg.resume}: trainer.max_steps={cfg.trainer.max_steps} is below the step of {checkpoint}, "
+            f"{step}: there is nothing left to train. Raise trainer.max_steps to go on, or evaluate the checkpoint: "
+            f"python evaluate.py checkpoint_path={checkpoint}"
+        )
     if record.get("config") is None:  # saved by code that did not record the config
         return []
     saved = {**record["config"], "num_processes": record.get("num_processes", num_processes)}
@@ -137,6 +150,19 @@ def check_same_data(checkpoint: Path, saved: dict | None, now: dict, allowed) ->
     )
 
 
+def check_same_labels(checkpoint: Path, saved: list | None, now: list | None) -> None:
+    """Refuse a resume whose classes are not the checkpoint's (a label renamed, added or dropped in the data): each
+    output of the trained head would mean another class than it learnt."""
+    if saved is not None and now is not None and saved != now:
+        changes = [f"{old} -> {new}" for old, new in zip(saved, now) if old != new][:5]
+        count = f"{len(saved)} classes then, {len(now)} now; " if len(saved) != len(now) else ""
+        raise RunFolderError(
+            f"resume={checkpoint}: the data's classes are not those its run trained on ({count}by position: "
+            f"{', '.join(changes) or 'the same first ones'}), and each output of the model would mean another class. "
+            "Resume with that data, or start a new run (resume=null, in a new hydra.run.dir)"
+        )
+
+
 def _resumed_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint a run with `resume` would start from, read without verifying its files (loop.setup does)."""
     if resume is None:
@@ -172,6 +198,18 @@ def refuse_reuse(run_dir: Path, resume: str | None) -> None:
             "A run folder holds one run: continue that one with resume=latest, or choose another hydra.run.dir "
             "(or leave it unset: every run gets a new folder)"
         )
+
+
+@contextmanager
+def restored_if_refused(run_dir: Path) -> Iterator[None]:
+    """A resume refused once its checkpoint and data are loaded (loop.setup: other classes, other data, a state that
+    does not fit) leaves the run's .hydra files as they were, not as the refused command's."""
+    try:
+        yield
+    except UserError:
+        for name, content in PREVIOUS_CONFIG.get(run_dir.resolve(), {}).items():
+            (run_dir / ".hydra" / name).write_bytes(content)
+        raise
 
 
 def acquire(run_dir: Path):
@@ -227,6 +265,9 @@ class ClaimRunFolder(Callback):
             if main:
                 self.lock = self.lock or acquire(run_dir)
                 sign(self.lock)
+                if resumed is not None:
+                    saved = {path.name: path.read_bytes() for path in (run_dir / ".hydra").glob("*.yaml")}
+                    PREVIOUS_CONFIG[run_dir.resolve()] = saved
         except UserError as error:
             self.on_run_end(config)
             raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings

@@ -46,6 +46,8 @@ class RunRecord:
     evals: list = field(default_factory=list)  # the lines of evaluations, in step order
     summary: dict | None = None  # what metrics.json holds; None while the run goes on, or if it failed
     stopped_by: str | None = None  # the exception that ended the run, when the file ends with it (metrics_log)
+    last_step: int = 0  # the step of the file's last line: where an unfinished run is, or stopped
+    monitored: tuple | None = None  # (metric, "min" or "max"): what the run is judged by, from its start line
 
     def metric(self, name: str) -> list:
         """(step, value) of an evaluation metric (`eval/<name>` in the file) over the run."""
@@ -120,6 +122,8 @@ def load_run(folder: Path) -> RunRecord:
         evals=latest_per_step([line for line in lines if any(key.startswith("eval/") for key in line)]),
         summary=summaries[-1] if summaries else None,
         stopped_by=lines[-1].get("stopped_by") if lines else None,
+        last_step=max((line.get("step") or 0 for line in lines), default=0),
+        monitored=next(((line["monitor"], line["mode"]) for line in lines if "monitor" in line), None),
     )
 
 
