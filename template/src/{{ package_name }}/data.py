@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 # A file's extension -> the datasets builder that reads it, and that builder's options. Plain text: one row per
 # paragraph (blank lines separate them) in a column "text", for the language-model tasks.
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
-FORMAT_OPTIONS = {".tsv": {"sep": "\t"}, ".txt": {"sample_by": "paragraph"}}
+# csv: only an empty cell is missing; pandas' default also takes NA, null, None, nan, n/a, ... for one (a region code,
+# the German word "null"), and a filled cell was refused as empty.
+CSV_CELLS = {"keep_default_na": False, "na_values": [""]}
+FORMAT_OPTIONS = {".csv": CSV_CELLS, ".tsv": {"sep": "\t", **CSV_CELLS}, ".txt": {"sample_by": "paragraph"}}
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # datasets decompresses these: train.csv.gz is a csv file
 NOT_UTF8 = "not UTF-8 text (Latin-1 or Windows-1252, say): save the file as UTF-8"
 
