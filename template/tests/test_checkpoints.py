@@ -274,6 +274,19 @@ def test_skipped_updates_are_bounded_and_a_run_past_the_bound_exports_nothing(
     assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()
 
 
+def test_a_checkpoint_of_another_task_is_named_as_such_not_as_every_key_that_differs(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    pkg.loop.train(make_config(*toy_overrides, "trainer.max_steps=2", "checkpoint.every_n_steps=2"), tmp_path)
+    checkpoint = tmp_path / "checkpoints" / STEP.format(2)
+    other = make_config(*toy_overrides, f"resume='{checkpoint}'", "task._target_=my_tasks.Segmentation")
+    with pytest.raises(pkg.run_folder.RunFolderError) as refused:
+        pkg.run_folder.check_resume(checkpoint, other, num_processes=1)
+    message = str(refused.value)
+    assert "is a checkpoint of task=" in message and "this run is task=my_tasks.Segmentation" in message
+    assert "\n" not in message  # one line, not the thirty keys in which two tasks' configs differ
+
+
 def test_resume_keeps_what_the_checkpoint_trained_on_and_lets_the_rest_change(pkg, make_config):
     def changes(*overrides, num_processes=1, allowed=(), schedule="constant"):
         base = [

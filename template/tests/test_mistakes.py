@@ -158,7 +158,8 @@ MISTAKES = [
     Mistake(
         "resume=latest where there is no checkpoint",  # a finished run without checkpoints: it would start over
         [TOY, "resume=latest"],
-        "holds another run (model, metrics.json), and this run starts from scratch",
+        "holds another run (model, metrics.json), and this run has no checkpoint of it to continue from. A run folder "
+        "holds one run: start from its model (model.name_or_path), or choose",  # not: "continue with resume=latest"
         prepare=train_script_first(),
     ),
     Mistake(

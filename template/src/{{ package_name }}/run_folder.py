@@ -22,6 +22,7 @@ from omegaconf import DictConfig, open_dict
 from . import checkpoints, launch
 from .config import ConfigError, to_container, user_path
 from .errors import UserError, process_rank, warn
+from .records import task_name
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,13 @@ def check_resume(checkpoint: Path, cfg: DictConfig, num_processes: int) -> list:
     if record.get("config") is None:  # saved by code that did not record the config
         return []
     saved = {**record["config"], "num_processes": record.get("num_processes", num_processes)}
+    if saved["task"]["_target_"] != cfg.task._target_:  # every key would differ: the one that matters, alone
+        saved_task = task_name(saved["task"]["_target_"])
+        raise RunFolderError(
+            f"resume={cfg.resume}: {checkpoint} is a checkpoint of task={saved_task}, and this run is "
+            f"task={task_name(cfg.task._target_)}: resume it with task={saved_task} (and its run's other settings), "
+            "or start a new run (resume=null, in a new hydra.run.dir)"
+        )
     new = {**to_container(cfg), "num_processes": num_processes}
     refused = resume_problems(saved, new, cfg.resume_allow)
     if refused:
@@ -193,10 +201,13 @@ def refuse_reuse(run_dir: Path, resume: str | None) -> None:
     continues = resumed is not None and resumed.resolve().parent == (run_dir / "checkpoints").resolve()
     if found and not continues:
         start = "starts from scratch" if resumed is None else f"resumes from another folder's checkpoint ({resumed})"
+        go_on = "continue that one with resume=latest, or"
+        if resume == "latest":  # given already: that run saved no checkpoint (checkpoint.every_n_steps above its end)
+            start, go_on = "has no checkpoint of it to continue from", "start from its model (model.name_or_path), or"
         raise RunFolderError(
             f"hydra.run.dir={run_dir} holds another run ({', '.join(found)}), and this run {start}. "
-            "A run folder holds one run: continue that one with resume=latest, or choose another hydra.run.dir "
-            "(or leave it unset: every run gets a new folder)"
+            f"A run folder holds one run: {go_on} choose another hydra.run.dir (or leave it unset: every run gets a "
+            "new folder)"
         )
 
 
