@@ -68,6 +68,12 @@ MISTAKES = [
         [TOY, "trainer.early_stopping_patience=2"],
         "trainer.early_stopping_patience=2 counts evaluations, and with trainer.eval_every_n_steps=0 the run",
     ),
+    Mistake(  # trains, and says that early stopping has no evaluation to count (eval_every_n_steps >= max_steps)
+        "early stopping with evaluations only at the end",
+        [TOY, "trainer.max_steps=4", "trainer.eval_every_n_steps=50", "trainer.early_stopping_patience=1"],
+        "trainer.early_stopping_patience=1 counts evaluations during training, and trainer.eval_every_n_steps=50 with",
+        code=0,
+    ),
     Mistake(  # trains, and says why the learning rate stays low: a short run under a task's warmup, say
         "warmup longer than the run",
         [TOY, "scheduler=linear", "scheduler.warmup_steps=100", "trainer.max_steps=2"],

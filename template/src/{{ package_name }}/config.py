@@ -564,6 +564,19 @@ def _resume_allow_problems(cfg: DictConfig) -> list:
     return [f"resume_allow=[{', '.join(named)}]: not a key or group of the config"]
 
 
+def idle_settings(cfg: DictConfig) -> list:
+    """Valid settings that this run's other settings leave without effect (for a warning: a short test run, say)."""
+    trainer, idle = cfg.trainer, []
+    evaluates_before_the_end = trainer.eval_every_n_steps and trainer.eval_every_n_steps < trainer.max_steps
+    if trainer.early_stopping_patience and trainer.eval_every_n_steps and not evaluates_before_the_end:
+        idle.append(
+            f"trainer.early_stopping_patience={trainer.early_stopping_patience} counts evaluations during training, "
+            f"and trainer.eval_every_n_steps={trainer.eval_every_n_steps} with trainer.max_steps={trainer.max_steps} "
+            "evaluates only at the end: it never stops this run"
+        )
+    return idle
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every bad value, before any compute is spent."""
     refuse(unresolvable(cfg))

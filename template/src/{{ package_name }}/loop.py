@@ -31,6 +31,7 @@ from .config import (
     Tracker,
     TrainerConfig,
     build_task,
+    idle_settings,
     import_target,
     model_folder,
     to_container,
@@ -316,6 +317,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     if trainer.deterministic:  # needed by deterministic cuBLAS; must be set before CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = make_accelerator(trainer, run_dir)
+    for idle in idle_settings(cfg):
+        logger.warning(idle, main_process_only=True)
     ranks = launch.gathered_ranks(accelerator)  # fails at once if the launched processes did not form one group
     resume_from, accepted = checkpoints.resolve_resume(cfg.resume, run_dir / "checkpoints"), []
     if resume_from is not None:  # before anything is built: a changed model fails here, not in load_state
@@ -445,7 +448,7 @@ def fit(run: Run) -> list:
             step = state["step"]
             progress.update(1)
             # The guard reads the losses (and stops a non-finite run) before anything of the run is logged or saved.
-            if step % trainer.log_every_n_steps == 0:
+            if step % trainer.log_every_n_steps == 0 or step == trainer.max_steps:  # a short run's too
                 loss, perf = guard.check(), throughput.measure()
                 accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
                 progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
