@@ -113,6 +113,18 @@ def test_evaluate_refuses_a_split_or_checkpoint_that_is_not_there(
         pkg.loop.evaluate_saved(cfg, tmp_path)
 
 
+def test_an_evaluation_refused_after_hydra_made_its_folder_leaves_no_folder(
+    pkg, make_config, toy_overrides, tmp_path, capsys
+):
+    pkg.loop.train(make_config(*toy_overrides, "trainer.max_steps=2"), tmp_path / "train")
+    reset_accelerate_state()
+    exported = f"model.name_or_path='{tmp_path / 'train' / 'model'}'"
+    args = [*toy_overrides, exported, "split=tset", f"hydra.run.dir={tmp_path / 'evaluation'}"]
+    code, output = run_in_process("evaluate.py", args, capsys)
+    assert code == 1 and "split=tset is not a split of this dataset" in output, output
+    assert not (tmp_path / "evaluation").exists()  # not .hydra/, evaluate.log and run.lock of an evaluation never made
+
+
 def test_a_model_folder_of_older_transformers_evaluates_like_its_safetensors_twin(
     pkg, make_config, toy_overrides, tmp_path
 ):

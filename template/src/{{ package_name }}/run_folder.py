@@ -10,6 +10,7 @@ refused run changes nothing on disk. `loop.setup` repeats the checks for code th
 import fcntl
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -220,6 +221,22 @@ def restored_if_refused(run_dir: Path) -> Iterator[None]:
     except UserError:
         for name, content in PREVIOUS_CONFIG.get(run_dir.resolve(), {}).items():
             (run_dir / ".hydra" / name).write_bytes(content)
+        raise
+
+
+@contextmanager
+def removed_if_refused(run_dir: Path) -> Iterator[None]:
+    """evaluate.py: a command refused once Hydra made its folder (a split the data lacks, a checkpoint cut short) leaves
+    no folder behind, as a refusal before Hydra writes leaves none; a folder with anything but Hydra's files, the log
+    and the lock in it stays as it is."""
+    try:
+        yield
+    except UserError:
+        hydra_only = run_dir.is_dir() and all(
+            path.name in (".hydra", LOCK_FILE) or path.suffix == ".log" for path in run_dir.iterdir()
+        )
+        if hydra_only and process_rank() == 0:
+            shutil.rmtree(run_dir)
         raise
 
 
