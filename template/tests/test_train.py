@@ -67,6 +67,17 @@ def test_a_run_shorter_than_the_logging_interval_logs_its_last_step(pkg, make_co
     assert trained["step"] == 5 and math.isfinite(trained["train/loss"]) and trained["perf/examples_per_s"] > 0
 
 
+def test_the_logged_training_loss_is_the_mean_of_the_steps_since_the_last_log(
+    pkg, make_config, toy_overrides, tmp_path
+):
+    # As the transformers Trainer logs it: one step's loss alone drew a noisier curve under the same name.
+    result = pkg.loop.train(make_config(*toy_overrides, "trainer.max_steps=6", "trainer.log_every_n_steps=3"), tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = result["losses"]
+    expected = [sum(losses[:3]) / 3, sum(losses[3:]) / 3]
+    assert [line["train/loss"] for line in lines if "train/loss" in line] == pytest.approx(expected, rel=1e-12)
+
+
 def test_resume_from_a_folder_that_is_not_a_checkpoint_says_so(pkg, make_config, toy_overrides, tmp_path):
     with pytest.raises(pkg.checkpoints.CorruptCheckpointError, match="is not a complete checkpoint"):
         pkg.loop.train(make_config(*toy_overrides, f"resume='{tmp_path}'"), tmp_path / "run")

@@ -199,6 +199,7 @@ class NonFiniteGuard:
     state: dict
     unchecked: list = field(default_factory=list)  # (step, its loss on the device) since the last check
     losses: list = field(default_factory=list)  # each checked step's loss, a float
+    logged: int = 0  # how many of `losses` the logged means took in
 
     def allows_update(self, step: int, loss: torch.Tensor) -> bool:
         if self.trainer.nonfinite_loss == NonFiniteLoss.stop:
@@ -240,6 +241,13 @@ class NonFiniteGuard:
         broken = int(sum_over_processes(accelerator, finite.logical_not().sum().to(accelerator.device)))
         if broken:
             raise self.stopped(f"{broken} weight tensors hold NaN or inf after step {self.state['step']}")
+
+    def mean_since_last_log(self) -> float:
+        """The mean loss of the steps checked since the last call, skipped ones left out: what train/loss logs, as the
+        transformers Trainer logs it (one step's loss alone is a noisier curve)."""
+        finite = [loss for loss in self.losses[self.logged :] if math.isfinite(loss)]
+        self.logged = len(self.losses)
+        return sum(finite) / len(finite) if finite else math.nan
 
     def last_update_skipped(self) -> bool:
         """trainer.nonfinite_loss=skip: was the latest step's loss non-finite? Its model may be one that diverged (an
@@ -449,7 +457,8 @@ def fit(run: Run) -> list:
             progress.update(1)
             # The guard reads the losses (and stops a non-finite run) before anything of the run is logged or saved.
             if step % trainer.log_every_n_steps == 0 or step == trainer.max_steps:  # a short run's too
-                loss, perf = guard.check(), throughput.measure()
+                guard.check()
+                loss, perf = guard.mean_since_last_log(), throughput.measure()
                 accelerator.log({"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0], **perf}, step=step)
                 progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{perf.get('perf/examples_per_s', 0):.0f}")
             if trainer.eval_every_n_steps and step % trainer.eval_every_n_steps == 0:
