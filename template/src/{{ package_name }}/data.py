@@ -472,11 +472,16 @@ def encode_labels(splits: DatasetDict, column: str, key: str, known: list | None
         )
     for name, values in seen.items():
         unseen = sorted(values - seen["train"])
-        if unseen:
-            raise DataError(
-                f"{source(splits[name])}: the {name} split has labels in column {column!r} ({key}) that the "
-                f"training split ({train}) never shows: {[names[i] for i in unseen]}"
-            )
+        if not unseen:
+            continue
+        problem = (
+            f"{source(splits[name])}: the {name} split has labels in column {column!r} ({key}) that the training "
+            f"split ({train}) never shows: {[names[i] for i in unseen]}"
+        )
+        if name != "validation":  # a test split, which training does not read: evaluate.py scores it as it is
+            warn(logger, f"{problem}; a model trained on it cannot predict them")
+            continue
+        raise DataError(problem)
     classes, examples = len(seen["train"]), len(splits["train"])
     if classes > MANY_CLASSES and classes > examples / 2:  # one or two examples a class: an id column, say
         warn(
