@@ -59,9 +59,11 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run_bit_for_bit(
     assert latest["losses"] == full["losses"][10:]
 
 
-def test_a_run_shorter_than_the_logging_interval_logs_its_last_step(pkg, make_config, toy_overrides, tmp_path):
+def test_a_run_shorter_than_the_logging_interval_logs_its_last_step(pkg, make_config, toy_overrides, tmp_path, caplog):
     # trainer.log_every_n_steps=10 (the default) and 5 steps: no training loss or throughput at all, without a word.
+    caplog.set_level("INFO")
     pkg.loop.train(make_config(*toy_overrides, "trainer.max_steps=5"), tmp_path)
+    assert "data: train 32 examples (data.files.train=" in caplog.text  # what it trained on, in its log
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     (trained,) = [line for line in lines if "train/loss" in line]
     assert trained["step"] == 5 and math.isfinite(trained["train/loss"]) and trained["perf/examples_per_s"] > 0

@@ -235,6 +235,13 @@ def source(dataset: Dataset) -> str:
     return dataset.info.description
 
 
+def described(datasets: DatasetDict, labels: list | None) -> str:
+    """What a run trains and validates on, for its log: each split's examples and source, and a classifier's classes."""
+    splits = "; ".join(f"{name} {len(split)} examples ({source(split)})" for name, split in datasets.items())
+    classes = "" if labels is None else f"; {len(labels)} classes: {', '.join(map(str, labels[:20]))}"
+    return f"data: {splits}{classes}{', ...' if labels is not None and len(labels) > 20 else ''}"
+
+
 def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: tuple = ()) -> DatasetDict:
     """`train` and `validation` (held out of train when data.eval_split is null or the dataset has no other split),
     then any other split the dataset has (a test split, say). `columns` maps the task's config keys to the columns it

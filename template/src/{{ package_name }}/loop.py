@@ -38,7 +38,7 @@ from .config import (
     user_path,
     validate,
 )
-from .data import DataError, make_dataloaders, make_eval_dataloader, training_subset
+from .data import DataError, described, make_dataloaders, make_eval_dataloader, training_subset
 from .errors import Interrupted, ModelError, UserError, sigterm_stops_like_ctrl_c
 from .metrics_log import MetricsFile, Throughput, append_start, append_stop, append_summary, readable
 from .modeling import refuse_untrained, saved_labels
@@ -343,6 +343,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     if resume_from is not None:  # before the model: another number of classes would not load as its state
         run_folder.check_same_labels(resume_from, checkpoints.read_record(resume_from).get("labels"), task.labels)
     datasets["train"] = training_subset(datasets["train"], cfg.data.train_subset, seed, task.stratify_by)
+    logger.info(described(datasets, task.labels), main_process_only=True)
     train_dl, eval_dl = make_dataloaders(datasets, cfg.data, task.collate, seed)
     set_seed(seed, deterministic=trainer.deterministic)
     model = task.build_model(cfg.model)
