@@ -1,11 +1,12 @@
 """sweep.py, run as a user would (in this process): an Optuna study of toy runs, each a run folder in the sweep's
 folder; a pruner that provably prunes, a sweep that resumes where it stopped, and report.py on the sweep's folder."""
 
+import importlib
 import json
 
 import optuna
 import pytest
-from conftest import ForkedScript, run_in_process, wait_all
+from conftest import PACKAGE, ForkedScript, run_in_process, wait_all
 
 STEPS = [
     "trainer.max_steps=12",
@@ -114,6 +115,89 @@ def test_a_sweep_folder_whose_study_is_no_database_says_so(tmp_path, capsys):
     assert (folder / "study.db").read_text() == "notes, not a database"
 
 
+@pytest.mark.filterwarnings("ignore:Fixed parameter optimizer.lr")  # -1: out of range on purpose
+def test_a_trial_whose_values_make_no_valid_run_fails_in_one_line_and_the_sweep_goes_on(
+    toy_overrides, tmp_path, capsys
+):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    queue = optuna.create_study(study_name="sweep", storage=f"sqlite:///{folder / 'study.db'}", direction="minimize")
+    for lr in (-1.0, 3e-3):  # a queued value is tried as it is, outside the range too: -1 is no learning rate
+        queue.enqueue_trial({"optimizer.lr": lr})
+    fast = ["sweep.n_trials=2", "sweep.pruner=none", "trainer.max_steps=2"]
+    output = sweep(folder, toy_overrides, capsys, *fast, "sweep.params.optimizer.lr.log=false")
+
+    assert [trial.state.name for trial in study_of(folder).trials] == ["FAIL", "COMPLETE"]
+    assert "trial 0 failed: invalid config: optimizer.lr=-1.0 is out of range" in output, output  # one line
+    assert "Traceback" not in output and "best: trial 1" in output
+    failed, complete = (line for line in output.splitlines() if line.lstrip().startswith(("0  FAIL", "1  COMPLETE")))
+    assert "(failed: invalid config: optimizer.lr=-1.0 is out of range: it must be > 0)" in failed  # and why
+    assert "(failed: " not in complete
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter optimizer.lr")  # -1: out of range on purpose
+def test_three_trials_in_a_row_that_fail_the_same_way_stop_the_sweep(toy_overrides, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    queue = optuna.create_study(study_name="sweep", storage=f"sqlite:///{folder / 'study.db'}", direction="minimize")
+    for lr in (-1.0, -1.0, -1.0, 3e-3):  # the same mistake three times: it would fail every trial after them too
+        queue.enqueue_trial({"optimizer.lr": lr})
+    linear = ["sweep.params.optimizer.lr.log=false", "sweep.pruner=none"]  # a log range holds no -1 at all
+    args = [*toy_overrides, *STEPS, *LR_ONLY, *linear, f"hydra.run.dir={folder}", "sweep.n_trials=4"]
+    code, output = run_in_process("sweep.py", args, capsys)
+    assert code != 0 and "Traceback" not in output, output
+    assert "3 trials in a row failed the same way, whatever their values: " in output
+    assert "optimizer.lr=-1.0 is out of range" in output
+    assert [trial.state.name for trial in study_of(folder).trials] == ["FAIL", "FAIL", "FAIL", "WAITING"]
+
+
+def test_a_new_study_in_a_folder_of_another_studys_trials_is_refused(toy_overrides, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    fast = ["sweep.pruner=none", "sweep.sampler=random", "trainer.max_steps=2", "sweep.n_trials=1"]
+    sweep(folder, toy_overrides, capsys, *fast)
+    trial = folder / "trial_000"
+    kept = {name: (trial / name).read_text() for name in (".hydra/overrides.yaml", "metrics.jsonl")}
+
+    # Another study name, or the study's database deleted: the new study's trial 0 would be trial_000 again.
+    args = [*toy_overrides, *STEPS, *LR_ONLY, *fast, f"hydra.run.dir={folder}"]
+    code, output = run_in_process("sweep.py", [*args, "sweep.study_name=other"], capsys)
+    assert code != 0 and "holds the trials of another study (trial_000)" in output and "Traceback" not in output
+    assert "to go on with the study there: sweep.study_name=sweep" in output
+    assert {name: (trial / name).read_text() for name in kept} == kept
+    (folder / "study.db").unlink()
+    code, output = run_in_process("sweep.py", args, capsys)
+    assert code != 0 and "holds the trials of another study (trial_000)" in output and "Traceback" not in output
+    assert {name: (trial / name).read_text() for name in kept} == kept and not (folder / "study.db").exists()
+
+
+def test_a_searched_key_set_on_the_command_line_is_warned_of(toy_overrides, tmp_path, capsys):
+    # The toy sets optimizer.lr, which the sweep searches: the trials train with the searched values instead. Also
+    # sgd reads optimizer.momentum, so its search is no refusal (adamw's is: see the table below).
+    folder = tmp_path / "sweep"
+    momentum = ["optimizer=sgd", "+sweep.params.optimizer.momentum={type:float,low:0.8,high:0.99}"]
+    output = sweep(
+        folder, toy_overrides, capsys, "sweep.pruner=none", "trainer.max_steps=2", "sweep.n_trials=1", *momentum
+    )
+
+    lr = next(override for override in toy_overrides if override.startswith("optimizer.lr="))
+    assert f"[WARNING] - {lr} is not what the trials train with: sweep.params.optimizer.lr searches" in output
+    assert output.count("is not what the trials train with") == 1  # optimizer=sgd, say, is no searched key
+    (trial,) = study_of(folder).trials
+    assert trial.state.name == "COMPLETE" and 0.8 <= trial.params["optimizer.momentum"] <= 0.99
+
+
+def test_a_grid_ends_at_its_high_value():
+    sweep_module, config = (importlib.import_module(f"{PACKAGE}.{name}") for name in ("sweep", "config"))
+
+    def grid(kind: str, low, high, step) -> list:
+        return sweep_module.grid_values(config.SearchDimension(config.ParamType[kind], low, high, step=step))
+
+    assert grid("int", 0, 3, 2) == [0, 2]  # 4 is beyond high, and no value of the range
+    assert grid("float", 0.0, 0.1, 0.06) == [0.0, 0.06]
+    exact = grid("float", 0.0, 0.1, 0.02)  # a step that divides the range, up to rounding: high is a value
+    assert len(exact) == 6 and exact[-1] == pytest.approx(0.1)
+
+
 def test_an_interrupted_sweep_goes_on_where_it_stopped(toy_overrides, tmp_path, capsys):
     folder = tmp_path / "sweep"
     fast = ["sweep.pruner=none", "sweep.sampler=random", "sweep.seed=0", "trainer.max_steps=4"]
@@ -172,6 +256,23 @@ def test_two_workers_share_one_study(toy_overrides, tmp_path):
         (["sweep.storage=study.db"], "sweep.storage=study.db: Could not parse SQLAlchemy URL"),  # a path, no URL
         (["sweep.seed=-1"], "sweep.seed=-1 is out of range: it must be >= 0"),
         (["trainer.eval_every_n_steps=0"], "sweep.pruner=median needs evaluations during training"),
+        (  # an evaluation only at the end, where every trial has finished: nothing to prune by
+            ["trainer.eval_every_n_steps=10", "trainer.max_steps=10"],
+            "sweep.pruner=median needs evaluations during training",
+        ),
+        (
+            [
+                "sweep.pruner=successive_halving",
+                "sweep.min_resource=10",
+                "trainer.max_steps=10",
+                "trainer.eval_every_n_steps=5",
+            ],
+            "sweep.pruner=successive_halving first compares trials after sweep.min_resource=10 steps",
+        ),
+        (  # adamw has no momentum: its trials would differ in nothing
+            ["+sweep.params.optimizer.momentum={type:float,low:0.8,high:0.99}"],
+            "sweep.params.optimizer.momentum: optimizer.name=adamw does not read optimizer.momentum",
+        ),
         (  # a search over a key that train.py's config does not have: misspelt, or at the wrong level
             ["+sweep.params.optimizer.lrr={type:float,low:0.1,high:0.2}"],
             "sweep.params.optimizer.lrr is not a config key: did you mean sweep.params.optimizer.lr?",

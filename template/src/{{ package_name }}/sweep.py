@@ -6,6 +6,8 @@ on the same folder and it goes on where it stopped; start it on several machines
 (or the same storage URL) and they share the trials.
 """
 
+import logging
+import math
 import os
 import time
 import warnings
@@ -15,6 +17,7 @@ from typing import Any
 
 import optuna
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -38,7 +41,12 @@ from .config import (
 )
 from .errors import OutOfMemory, UserError, reported
 from .loop import EarlyStopping, NonFiniteLossError, train
+from .metrics_log import append_stop
+from .optim import unread_settings
+from .records import METRICS_FILE
 from .runs import flatten
+
+logger = logging.getLogger(__name__)
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Training keys that a resumed sweep, or a joining worker, may set otherwise: they change how a trial is logged or
@@ -106,7 +114,9 @@ def dimension_problems(key: str, dimension: SearchDimension, sampler: SamplerNam
 def grid_values(dimension: SearchDimension) -> list:
     if dimension.type == ParamType.categorical:
         return list(dimension.choices)
-    count = int(round((dimension.high - dimension.low) / dimension.step)) + 1
+    # The points low, low + step, ... up to high and no further (Optuna's own ranges end there too); a step that
+    # divides the range up to rounding (0.1 / 0.02) reaches high itself.
+    count = math.floor((dimension.high - dimension.low) / dimension.step + 1e-9) + 1
     values = [dimension.low + i * dimension.step for i in range(count)]
     return [int(value) for value in values] if dimension.type == ParamType.int else values
 
@@ -155,12 +165,9 @@ def saved_config(sweep: DictConfig, sweep_dir: Path) -> dict | None:
         return None
 
 
-def check_joined(cfg: DictConfig, sweep_dir: Path, space: dict) -> None:
+def check_joined(cfg: DictConfig, sweep_dir: Path, saved: dict, space: dict) -> None:
     """A sweep that resumes, or a worker that joins, trains its trials as the study's earlier ones were trained:
     refuse other training values (the search space, the sampler, the pruner and n_trials may change)."""
-    saved = saved_config(cfg.sweep, sweep_dir)
-    if saved is None:
-        return
     old, new = flatten(saved), flatten(to_container(training_config(cfg)))
     allowed = [*space, *JOIN_SAFE, *cfg.resume_allow]
     changed = [
@@ -177,6 +184,67 @@ def check_joined(cfg: DictConfig, sweep_dir: Path, space: dict) -> None:
         )
 
 
+def check_new_study(sweep: DictConfig, sweep_dir: Path) -> None:
+    """A new study numbers its trials from 0: refuse a folder that holds the trial folders of another study (a
+    study.db deleted, or another sweep.study_name), whose configs it would overwrite and whose metrics report.py would
+    then show under the new trials' values."""
+    taken = sorted(folder.name for folder in sweep_dir.glob("trial_*") if folder.is_dir())
+    if not taken:
+        return
+    url = storage_url(sweep, sweep_dir)
+    others = optuna.get_all_study_names(connect(url)) if sweep.storage or (sweep_dir / "study.db").is_file() else []
+    go_on = f"; to go on with the study there: sweep.study_name={' or '.join(others)}" if others else ""
+    raise ConfigError(
+        f"hydra.run.dir={sweep_dir} holds the trials of another study ({', '.join(taken[:3])}"
+        f"{', ...' if len(taken) > 3 else ''}), and the new study {sweep.study_name} would number its own trials from "
+        f"0 in the same folders: start it in another hydra.run.dir{go_on}"
+    )
+
+
+def warn_of_searched_and_set(space: dict) -> None:
+    """Searched keys that the command line also sets: each trial replaces the value given."""
+    for override in HydraConfig.get().overrides.task if HydraConfig.initialized() else []:
+        key = override.lstrip("+~").partition("=")[0]
+        if key in space:
+            logger.warning(
+                f"{override} is not what the trials train with: sweep.params.{key} searches {key}, and each trial "
+                f"takes its value from the search (~sweep.params.{key} searches it no more)"
+            )
+
+
+def unread_searched(cfg: DictConfig, space: dict) -> list:
+    """Searched optimizer settings that the chosen optimizer does not read: a dimension that changes nothing."""
+    if "optimizer.name" in space:
+        return []
+    unread = [f"optimizer.{key}" for key in unread_settings(cfg.optimizer.name)]
+    return [
+        f"sweep.params.{key}: optimizer.name={cfg.optimizer.name.value} does not read {key}, so its trials would "
+        f"differ in nothing: search another key, or choose the optimizer that reads it (optimizer=<name>)"
+        for key in space
+        if key in unread
+    ]
+
+
+def never_pruned(cfg: DictConfig) -> list:
+    """A pruner compares trials at their evaluations before the end: refuse a config that has none."""
+    sweep, trainer = cfg.sweep, cfg.trainer
+    if sweep.pruner == PrunerName.none:
+        return []
+    if not trainer.eval_every_n_steps or trainer.eval_every_n_steps >= trainer.max_steps:
+        return [
+            f"sweep.pruner={sweep.pruner.value} needs evaluations during training to compare trials, and "
+            f"trainer.eval_every_n_steps={trainer.eval_every_n_steps} with trainer.max_steps={trainer.max_steps} "
+            "evaluates only at the end: set trainer.eval_every_n_steps below trainer.max_steps, or sweep.pruner=none"
+        ]
+    halving = (PrunerName.successive_halving, PrunerName.hyperband)
+    if sweep.pruner in halving and sweep.min_resource is not None and sweep.min_resource >= trainer.max_steps:
+        return [
+            f"sweep.pruner={sweep.pruner.value} first compares trials after sweep.min_resource={sweep.min_resource} "
+            f"steps, and they end at trainer.max_steps={trainer.max_steps}: lower sweep.min_resource"
+        ]
+    return []
+
+
 def check(cfg: DictConfig, sweep_dir: Path) -> dict:
     """Refuse a sweep config that could not run (before any folder or trial exists), or that would join a study of
     other training values; return its search space."""
@@ -188,11 +256,7 @@ def check(cfg: DictConfig, sweep_dir: Path) -> dict:
     for key, dimension in space.items():
         misspelt = unknown_key(TrainConfig, key, shown_as="sweep.params.")  # a key of train.py's config?
         problems += [misspelt] if misspelt else dimension_problems(key, dimension, sweep.sampler)
-    if sweep.pruner != PrunerName.none and not cfg.trainer.eval_every_n_steps:
-        problems.append(
-            f"sweep.pruner={sweep.pruner.value} needs evaluations during training to compare trials: "
-            "set trainer.eval_every_n_steps, or sweep.pruner=none"
-        )
+    problems += never_pruned(cfg) + unread_searched(cfg, space)
     if launch.world_size() > 1:
         problems.append(
             "sweep.py runs each trial in one process: start it with python, not accelerate launch or torchrun "
@@ -205,7 +269,11 @@ def check(cfg: DictConfig, sweep_dir: Path) -> dict:
         ends = dimension.choices if dimension.type == ParamType.categorical else [dimension.low, dimension.high]
         for value in map(int, ends) if dimension.type == ParamType.int else ends:
             trial_config(base, {key: value})
-    check_joined(cfg, sweep_dir, space)
+    saved = saved_config(sweep, sweep_dir)
+    if saved is None:
+        check_new_study(sweep, sweep_dir)
+    else:
+        check_joined(cfg, sweep_dir, saved, space)
     return space
 
 
@@ -302,13 +370,14 @@ class Objective:
 
     def __init__(self, base: DictConfig, space: dict, sweep_dir: Path, monitor: str):
         self.base, self.space, self.sweep_dir, self.monitor = base, space, sweep_dir, monitor
+        self.same_failures = []  # the reasons of the trials that failed in a row with the same config error
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
-        cfg = trial_config(self.base, values)
         trial_dir = self.sweep_dir / f"trial_{trial.number:03d}"
-        write_trial_config(trial_dir, cfg, values)
-        print(f"trial {trial.number}: {described(values)} in {trial_dir}")
+        if trial_dir.exists():  # check_new_study refused this before; another program started a study here since
+            raise ConfigError(f"{trial_dir} holds another study's trial: start this sweep in another hydra.run.dir")
+        logger.info(f"trial {trial.number}: {described(values)} in {trial_dir}")
 
         def report(step: int, metrics: dict) -> None:
             trial.report(metrics[self.monitor], step)
@@ -317,19 +386,37 @@ class Objective:
 
         launch.reset_accelerate_state()
         try:
+            cfg = trial_config(self.base, values)  # a value inside a range may make no run (hidden size 63 of 4 heads)
+            write_trial_config(trial_dir, cfg, values)
             result = train(cfg, trial_dir, on_evaluation=report)
         except (UserError, MemoryError, RuntimeError) as error:
-            # A trial that diverges, whose values fail a preflight check (too low a learning rate to overfit a batch,
-            # say) or run out of memory (a batch size too large) fails and the sweep goes on: its reason in one line,
-            # where Optuna would log a traceback.
+            # A trial whose values make no valid run, that diverges, fails a preflight check (too low a learning rate
+            # to overfit a batch, say) or runs out of memory (a batch size too large) fails and the sweep goes on:
+            # its reason in one line, where Optuna would log a traceback; also in the study and the trial's folder.
             ran_out = OutOfMemory.within(error)
-            if ran_out is None and not isinstance(error, NonFiniteLossError | PreflightError):
+            if ran_out is None and not isinstance(error, UserError):
                 raise
-            print(f"trial {trial.number} failed: {ran_out or error}")
+            reason = " ".join(line.strip() for line in str(ran_out or error).splitlines())  # "invalid config: ..."
+            self.refuse_repeated(error, reason)
+            logger.warning(f"trial {trial.number} failed: {reason}")
+            trial.set_user_attr("failed", reason)
+            if (trial_dir / ".hydra").is_dir() and not (trial_dir / METRICS_FILE).exists():  # train.py wrote none
+                append_stop(trial_dir / METRICS_FILE, 0, ran_out or error)
             return float("nan")  # Optuna's mark of a failed trial
         finally:
             launch.reset_accelerate_state()
+        self.same_failures = []
         return result["metrics"][self.monitor]
+
+    def refuse_repeated(self, error: BaseException, reason: str, limit: int = 3) -> None:
+        """Stop the sweep when `limit` trials in a row fail with the same config or data error: one that the searched
+        values do not cause (a data file that is not there), which would fail every trial."""
+        if isinstance(error, NonFiniteLossError | PreflightError) or not isinstance(error, UserError):
+            self.same_failures = []
+            return
+        self.same_failures = [*self.same_failures[-(limit - 1) :], reason]
+        if len(self.same_failures) == limit and len(set(self.same_failures)) == 1:
+            raise type(error)(f"{limit} trials in a row failed the same way, whatever their values: {error}") from None
 
 
 def summary(study: optuna.Study, monitor: str) -> str:
@@ -339,17 +426,21 @@ def summary(study: optuna.Study, monitor: str) -> str:
         step = max(trial.intermediate_values, default=None)
         value = trial.value if trial.value is not None else trial.intermediate_values.get(step)
         shown = "-" if value is None else f"{value:.4g}"
+        failed = f"  (failed: {trial.user_attrs['failed']})" if "failed" in trial.user_attrs else ""
         state = trial.state.name
-        lines.append(f"{trial.number:>5}  {state:8}  {shown:>10}  {step or '-':>11}  {described(trial.params)}")
+        lines.append(f"{trial.number:>5}  {state:8}  {shown:>10}  {step or '-':>11}  {described(trial.params)}{failed}")
     if any(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials):
         best = study.best_trial
-        lines.append(f"best: trial {best.number}, {monitor} {best.value:.4g}: {described(best.params)}")
+        exact = " ".join(f"{key}={value!r}" for key, value in best.params.items())  # to copy, not rounded
+        whole = f"trial_{best.number:03d}/.hydra/config.yaml"
+        lines.append(f"best: trial {best.number}, {monitor} {best.value:.4g}: {exact} (its whole config: {whole})")
     return "\n".join(lines)
 
 
 def run_sweep(cfg: DictConfig, sweep_dir: Path) -> optuna.Study:
     """Run trials until the study holds sweep.n_trials finished ones (all workers together), then print them."""
     space = check(cfg, sweep_dir)
+    warn_of_searched_and_set(space)
     base = training_config(cfg)
     stopping = EarlyStopping.from_config(base, build_task(base.task))  # the monitored metric, and which way is better
     # One line per trial from this module instead, also for a failed one (Optuna would add "The value nan is not
