@@ -93,6 +93,8 @@ def test_rank_check_ranks_real_runs_and_reuses_them(toy_overrides, pkg, tmp_path
 
 
 PLAN = "{tmp}/plan.yaml"  # in args: a plan file holding the case's text
+TINY = ["--proxy", "trainer.max_steps=1", "--full", "trainer.max_steps=2"]  # were the plan run: seconds, not minutes
+TWO = ["--hypothesis", "optimizer.lr=1e-3", "--hypothesis", "optimizer.lr=1e-2"]
 
 
 @pytest.mark.parametrize(
@@ -105,6 +107,16 @@ PLAN = "{tmp}/plan.yaml"  # in args: a plan file holding the case's text
         (["--plan", PLAN], "plan.yaml is not valid YAML (line 1, column 10): expected the node content", "common: ["),
         (["--plan", PLAN], "['hypothesis']: not keys of a plan, whose keys are", "hypothesis:\n- [optimizer.lr=1]\n"),
         (["--plan", PLAN], "plan.yaml holds a list; a plan is a mapping of the keys", "- [optimizer.lr=1]\n"),
+        (  # judged by loss and by the task's metric: one ranking would mix them
+            ["--hypothesis", "optimizer.lr=1e-3 checkpoint.monitor=loss", "--hypothesis", "optimizer.lr=1e-2", *TINY],
+            "rank_check ranks hypotheses by one metric, and these runs are judged by several",
+            None,
+        ),
+        (
+            [*TWO, "--proxy", "trainer.max_steps=4", "--full", "trainer.max_steps=4"],
+            "(and --proxy/--full) are the same: ['trainer.max_steps=4']",
+            None,
+        ),
     ],
 )
 def test_bad_plans_are_refused_before_anything_trains(toy_overrides, tmp_path, capsys, args, message, text):
@@ -145,3 +157,18 @@ def test_the_default_plan_composes_and_validates():
     composed = rank_check.compose_all(plan, CONFIG_DIR)
     assert len(plan.hypotheses) == 6 and len(composed) == 12
     assert {cfg.trainer.max_steps for (budget, _), (_, cfg) in composed.items() if budget == "proxy"} == {300}
+
+
+def test_hypotheses_that_all_tie_have_no_tau_and_are_all_best(toy_overrides, tmp_path, capsys):
+    out = tmp_path / "check"
+    # Two hypotheses that train the same model (they differ in how often they log): equal at both budgets.
+    same = ["--hypothesis", "trainer.log_every_n_steps=1", "--hypothesis", "trainer.log_every_n_steps=2"]
+    budgets = ["--proxy", "trainer.max_steps=2", "--full", "trainer.max_steps=4"]
+    code, output = rank_check([*toy_overrides, *QUIET, *same, *budgets, "--out", str(out)], capsys)
+    assert code == 0, output
+
+    summary = json.loads((out / "rank_check.json").read_text())
+    assert summary["kendall_tau"] is None and summary["spearman_rho"] is None  # NaN, written as null
+    both = "trainer.log_every_n_steps=1 | trainer.log_every_n_steps=2"
+    assert summary["best_proxy"] == summary["best_full"] == both and summary["same_best"]
+    assert "(undefined: every hypothesis ties at a budget); best hypothesis the same, with ties" in output

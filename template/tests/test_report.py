@@ -2,14 +2,17 @@
 a `python train.py -m` multirun of the toy run at three learning rates, run as a user would (in this process)."""
 
 import csv
+import importlib
 import json
 import math
 import shutil
+import sys
 
 import matplotlib.image
 import pytest
+import torch
 import yaml
-from conftest import TASKS, run_in_process
+from conftest import PACKAGE, TASKS, run_in_process
 
 LEARNING_RATES = ["1e-4", "1e-3", "1e-2"]
 STEPS = [
@@ -208,3 +211,64 @@ def test_a_resumed_run_counts_each_step_once_the_later_line_winning(pkg, toy_ove
     assert run.train[2:] == [line for line in lines if "train/loss" in line][4:]  # the resumed run's lines
     assert [step for step, _ in run.metric("loss")] == [4, 8]
     assert run.summary == json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_unfinished_runs_are_ranked_by_their_monitored_metric_where_they_stand(toy_overrides, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    # One run diverged at step 2 (its last line says what stopped it); one still runs, its lines up to step 6 of 12.
+    diverged = ["trainer.log_every_n_steps=1", "optimizer.lr=1e30", "trainer.max_grad_norm=0"]
+    args = [*toy_overrides, *STEPS, *diverged, f"hydra.run.dir={runs / 'diverged'}"]
+    code, output = run_in_process("train.py", args, capsys)
+    assert code == 1 and "step 2: the training loss is nan" in output, output
+    assert run_in_process("train.py", [*toy_overrides, *STEPS, f"hydra.run.dir={runs / 'running'}"], capsys)[0] == 0
+    (runs / "running" / "metrics.json").unlink()
+    lines = lines_of(runs / "running")
+    (runs / "running" / "metrics.jsonl").write_text(
+        "".join(json.dumps(line) + "\n" for line in lines if line["step"] <= 6)
+    )
+
+    # The first line of a run names what it is judged by: the task's main metric here, not the validation loss.
+    start = lines[0]
+    assert start == {"step": 0, "time": start["time"], "monitor": start["monitor"], "mode": start["mode"]}
+    assert start["monitor"] != "loss"
+    code, output = run_in_process("report.py", [str(runs), "--out", str(tmp_path / "report")], capsys)
+    assert code == 0, output
+    assert f"2 runs by {start['monitor']}" in output
+    with (tmp_path / "report" / "report.csv").open() as file:
+        rows = {row["run"]: row for row in csv.DictReader(file)}
+    assert list(rows) == ["running", "diverged"]  # the run without an evaluation last
+    running = [line for line in lines if line["step"] <= 6]
+    (evaluation,) = [line for line in running if "eval/loss" in line]  # step 4's
+    assert float(rows["running"]["best"]) == evaluation[f"eval/{start['monitor']}"]
+    # Where each run stands: the training time of its latest line, and the step of its last line (the stop).
+    assert rows["running"]["steps"] == "6" and float(rows["running"]["wall_s"]) == running[-1]["elapsed"]
+    stop = lines_of(runs / "diverged")[-1]
+    assert stop["stopped_by"] == "NonFiniteLossError" and rows["diverged"]["steps"] == str(stop["step"]) == "2"
+
+
+def test_runs_in_different_folders_given_by_relative_paths_show_their_common_folder(
+    toy_overrides, tmp_path, capsys, monkeypatch
+):
+    for name in ("a", "b"):
+        args = [*toy_overrides, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / name / 'run'}"]
+        assert run_in_process("train.py", args, capsys)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    code, output = run_in_process("report.py", ["a/run", "b/run", "--out", "report"], capsys)
+    assert code == 0 and "Traceback" not in output, output
+    header = next(line for line in output.splitlines() if line.startswith("run ("))
+    assert header.startswith("run (in .)"), header  # not "(in )": relative paths share no prefix
+    with (tmp_path / "report" / "report.csv").open() as file:
+        assert sorted(row["run"] for row in csv.DictReader(file)) == ["a/run", "b/run"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux resets the peak resident set size; elsewhere it stays")
+def test_each_run_in_one_process_reports_its_own_peak_memory():
+    # A sweep's trials and rank_check's runs train in one process: each run's peak, not the largest one before it.
+    metrics_log = importlib.import_module(f"{PACKAGE}.metrics_log")
+    cpu = torch.device("cpu")
+    large = b"\x01" * 400 * 2**20  # every page written: resident
+    during = metrics_log.peak_memory(cpu)["perf/peak_rss_gb"]
+    del large
+    assert metrics_log.peak_memory(cpu)["perf/peak_rss_gb"] == during  # a peak stays after the memory is freed
+    metrics_log.reset_peak_memory(cpu)
+    assert metrics_log.peak_memory(cpu)["perf/peak_rss_gb"] < during - 0.3

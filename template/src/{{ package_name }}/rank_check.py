@@ -92,9 +92,17 @@ def read_plan(path: Path, hypotheses: list, budgets: dict, common: list) -> Plan
     chosen = hypotheses if hypotheses else plan.get("hypotheses") or []
     if len(chosen) < 2:
         raise ConfigError(f"rank_check needs at least 2 hypotheses to rank; {path} and --hypothesis give {len(chosen)}")
+    budget_overrides = {
+        name: overrides_of(plan.get(name) if budgets[name] is None else budgets[name]) for name in BUDGETS
+    }
+    if budget_overrides["proxy"] == budget_overrides["full"]:  # each run twice, and nothing learnt of a proxy
+        raise ConfigError(
+            f"the proxy and full budgets of {path} (and --proxy/--full) are the same: {budget_overrides['proxy']}; "
+            "a proxy is a cheaper run than the full one: give proxy: and full: (trainer.max_steps=..., say)"
+        )
     return Plan(
         hypotheses=[overrides_of(entry) for entry in chosen],
-        budgets={name: overrides_of(plan.get(name) if budgets[name] is None else budgets[name]) for name in BUDGETS},
+        budgets=budget_overrides,
         common=overrides_of(plan.get("common")) + common,
     )
 
@@ -121,6 +129,13 @@ def compose_all(plan: Plan, config_dir: Path) -> dict:
                 raise ConfigError(
                     f"hypothesis {index} at the {budget} budget ({' '.join(overrides)}): {error}"
                 ) from None
+    judged_by = {(cfg.task._target_, cfg.checkpoint.monitor, cfg.checkpoint.mode) for _, cfg in composed.values()}
+    if len(judged_by) > 1:  # one ranking needs one metric: a task's own, or the same checkpoint.monitor for all
+        raise ConfigError(
+            "rank_check ranks hypotheses by one metric, and these runs are judged by several (task, "
+            f"checkpoint.monitor, checkpoint.mode): {sorted(map(str, judged_by))}; compare hypotheses of one task, "
+            "with one checkpoint.monitor (in common:, or in no hypothesis)"
+        )
     return composed
 
 
@@ -196,7 +211,9 @@ def compare(plan: Plan, records: dict, out: Path) -> dict:
         for row, rank in zip(rows, average_ranks([sign * row[budget] for row in rows])):
             row[f"{budget}_rank"] = rank
     proxy, full = [row["proxy"] for row in rows], [row["full"] for row in rows]
-    best = {budget: min(range(len(rows)), key=lambda i: sign * rows[i][budget]) for budget in BUDGETS}
+    # The best at each budget: every hypothesis ranked first (several where they tie).
+    top = {budget: min(row[f"{budget}_rank"] for row in rows) for budget in BUDGETS}
+    best = {budget: [row for row in rows if row[f"{budget}_rank"] == top[budget]] for budget in BUDGETS}
     proxy_seconds, full_seconds = sum(row["proxy_s"] for row in rows), sum(row["full_s"] for row in rows)
     summary = {
         "monitor": monitor,
@@ -204,8 +221,8 @@ def compare(plan: Plan, records: dict, out: Path) -> dict:
         "kendall_tau": kendall_tau(proxy, full),
         "spearman_rho": spearman_rho(proxy, full),
         "same_best": best["proxy"] == best["full"],
-        "best_proxy": rows[best["proxy"]]["hypothesis"],
-        "best_full": rows[best["full"]]["hypothesis"],
+        "best_proxy": " | ".join(row["hypothesis"] for row in best["proxy"]),  # tied ones apart by " | "
+        "best_full": " | ".join(row["hypothesis"] for row in best["full"]),
         "proxy_seconds": proxy_seconds,
         "full_seconds": full_seconds,
         "compute_ratio": full_seconds / proxy_seconds,
@@ -232,9 +249,11 @@ def write_outputs(summary: dict, out: Path) -> None:
     better = "lower" if summary["mode"] == "min" else "higher"
     print(f"{len(summary['rows'])} hypotheses by {summary['monitor']} ({better} is better; rank 1 is the best):")
     print(table(summary["rows"], headers))
+    tied = " | " in summary["best_proxy"] + summary["best_full"]
+    undefined = " (undefined: every hypothesis ties at a budget)" if math.isnan(summary["kendall_tau"]) else ""
     print(
-        f"Kendall's tau {shown(summary['kendall_tau'])}, Spearman's rho {shown(summary['spearman_rho'])}; "
-        f"best hypothesis {'the same' if summary['same_best'] else 'differs'} "
+        f"Kendall's tau {shown(summary['kendall_tau'])}, Spearman's rho {shown(summary['spearman_rho'])}{undefined}; "
+        f"best hypothesis {'the same' if summary['same_best'] else 'differs'}{', with ties' if tied else ''} "
         f"(proxy: {summary['best_proxy']}; full: {summary['best_full']})"
     )
     print(

@@ -11,16 +11,16 @@ from pathlib import Path
 from .records import METRICS_FILE, task_name
 from .runs import NoRunsError, UnreadableRunError, differing_config, find_runs, load_run
 
-DEFAULT_MONITOR = ("loss", "min")  # every task's validation loss: for runs that have not finished yet
+DEFAULT_MONITOR = ("loss", "min")  # every task's validation loss: for runs of older code that have not finished
 
 
 def monitored(runs: list) -> tuple:
-    """The metric the runs are compared by and which way is better: what the first finished run monitored (its
-    checkpoint.monitor), else the validation loss."""
+    """The metric the runs are compared by and which way is better: what the first run monitored (checkpoint.monitor,
+    else its task's main metric), as its summary or its first line says; else the validation loss."""
     for run in runs:
         if run.summary is not None and "mode" in run.summary:
             return run.summary["monitor"], run.summary["mode"]
-    return DEFAULT_MONITOR
+    return next((run.monitored for run in runs if run.monitored is not None), DEFAULT_MONITOR)
 
 
 def median_of(lines: list, key: str) -> float | None:
@@ -31,7 +31,7 @@ def median_of(lines: list, key: str) -> float | None:
 def row(run, label: dict, monitor: str, mode: str) -> dict:
     values = [value for _, value in run.metric(monitor)]
     peaks = [line.get("perf/peak_gpu_memory_gb", line.get("perf/peak_rss_gb")) for line in run.train]
-    last = (run.train + run.evals)[-1] if run.train or run.evals else {}
+    last = max(run.train + run.evals, key=lambda line: line["step"], default={})  # an unfinished run's latest
     if run.summary is None:
         status = run.stopped_by or "unfinished"  # TrialPruned: a sweep's pruner stopped it
     else:
@@ -41,7 +41,7 @@ def row(run, label: dict, monitor: str, mode: str) -> dict:
         "config": " ".join(f"{key}={value}" for key, value in label.items()),
         "best": (min if mode == "min" else max)(values) if values else None,
         "final": values[-1] if values else None,
-        "steps": run.summary["step"] if run.summary else max((line["step"] for line in run.train), default=0),
+        "steps": run.summary["step"] if run.summary else run.last_step,
         "wall_s": run.summary["train_seconds"] if run.summary else last.get("elapsed"),
         "examples_per_s": median_of(run.train, "perf/examples_per_s"),
         "tokens_per_s": median_of(run.train, "perf/tokens_per_s"),
@@ -144,11 +144,12 @@ def report_runs(runs: list, out: Path) -> list:
     entries = [(row(run, label, monitor, mode), run, label) for run, label in zip(runs, differing_config(runs))]
     entries = best_first(entries, mode)
     rows = [entry[0] for entry in entries]
-    base = os.path.commonpath([r["run"] for r in rows]) if len(rows) > 1 else str(Path(rows[0]["run"]).parent)
-    for r in rows:
-        r["run"] = os.path.relpath(r["run"], base)
+    folders = [os.path.abspath(r["run"]) for r in rows]  # relative paths in different folders share no prefix
+    base = os.path.commonpath(folders) if len(rows) > 1 else os.path.dirname(folders[0])
+    for r, folder in zip(rows, folders):
+        r["run"] = os.path.relpath(folder, base)
     headers = {
-        "run": f"run (in {base})",
+        "run": f"run (in {base if os.path.relpath(base).startswith('..') else os.path.relpath(base)})",
         "config": "config that differs" if len(runs) > 1 else "overrides",
         "best": f"best {monitor}",
         "final": f"final {monitor}",

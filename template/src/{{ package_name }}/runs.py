@@ -122,7 +122,7 @@ def load_run(folder: Path) -> RunRecord:
         evals=latest_per_step([line for line in lines if any(key.startswith("eval/") for key in line)]),
         summary=summaries[-1] if summaries else None,
         stopped_by=lines[-1].get("stopped_by") if lines else None,
-        last_step=max((line.get("step") or 0 for line in lines), default=0),
+        last_step=lines[-1].get("step") or 0 if lines else 0,
         monitored=next(((line["monitor"], line["mode"]) for line in lines if "monitor" in line), None),
     )
 
