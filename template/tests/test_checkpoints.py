@@ -359,7 +359,7 @@ def test_only_a_run_that_continues_a_folder_may_start_in_it(pkg, tmp_path):
     pkg.run_folder.refuse_reuse(used, str(own))
     for resume in (None, "latest", str(foreign)):
         pkg.run_folder.refuse_reuse(fresh, resume)
-    with pytest.raises(pkg.run_folder.RunFolderError, match=r"holds another run \(metrics.json\).*from scratch"):
+    with pytest.raises(pkg.run_folder.RunFolderError, match=r"holds another run \(metrics.json\).*no checkpoint of"):
         pkg.run_folder.refuse_reuse(used, "latest")  # no checkpoint to continue from
     with pytest.raises(pkg.run_folder.RunFolderError, match="resumes from another folder's checkpoint"):
         pkg.run_folder.refuse_reuse(used, str(foreign))

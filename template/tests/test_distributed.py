@@ -109,6 +109,17 @@ def test_two_processes_train_as_one_group_in_one_folder_like_one_process(
     resumed = load_file(resumed_dir / "model" / "model.safetensors")
     assert all(torch.equal(two[name], resumed[name]) for name in two)
 
+    # A resume refused before Hydra writes (the batch size changed): each process checks it, the main one says it.
+    refused = [*checkpointed, f"hydra.run.dir='{tmp_path / 'refused'}'", f"resume='{checkpoints[0]}'"]
+    status, output = fork_two_ranks(tmp_path, [*refused, "data.batch_size=2"], check=False)
+    assert status == 1 and output.count("Error: resume=") == 1, output
+
+    # On one process, on purpose: the refusal's own advice, resume_allow=[num_processes], is accepted (it was refused as
+    # "not a key of the config"), and the run goes on from step 5 to the end.
+    one_process = [*checkpointed, f"resume='{checkpoints[0]}'", "resume_allow=[num_processes,data.batch_size]"]
+    continued = pkg.loop.train(make_config(*one_process, "data.batch_size=8"), tmp_path / "on_one_process")
+    assert continued["step"] == 10
+
     # Accelerate deals the seeded batches of 4 out in turn (process i takes batches i, i+2, ...), so optimizer step k
     # sees batches 2k and 2k+1: what one process sees with batch 4 and 2 accumulation steps. DDP averages the two
     # gradients, accumulation adds two halves: exact halvings either way. Bit-identical when both sides use the
@@ -184,6 +195,16 @@ def test_slurm_launcher_config_composes(make_config):
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 1, 1)  # one process per job
     assert launcher.submitit_folder.startswith("multirun/")  # resolves: inside the sweep folder
+
+
+def test_data_that_the_main_process_refuses_is_one_message_not_the_other_ranks_traceback(default_task, tmp_path):
+    """The main process reads the data first (main_process_first) while the others wait at a barrier: its error left
+    the others with gloo's "Connection closed by peer" and a 35-line traceback, which reads as a crash."""
+    (tmp_path / "columns.csv").write_text("x,y\n1,2\n")  # none of the columns any task reads
+    overrides = [*toy_overrides_for(default_task, tmp_path / "toy"), f"data.files.train='{tmp_path / 'columns.csv'}'"]
+    status, output = fork_two_ranks(tmp_path, [*overrides, f"hydra.run.dir='{tmp_path / 'run'}'"], check=False)
+    assert status == 1 and output.count("Error: ") == 1 and "columns.csv" in output, output
+    assert "Traceback" not in output and "Connection closed" not in output
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

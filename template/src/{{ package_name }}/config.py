@@ -553,7 +553,8 @@ def refuse_unknown_model_type(model_type: str) -> None:
 def _resume_allow_problems(cfg: DictConfig) -> list:
     """resume_allow entries that are no key or group of the config: a misspelt one accepts nothing."""
     absent = object()
-    unknown = [key for key in cfg.get("resume_allow") or [] if OmegaConf.select(cfg, key, default=absent) is absent]
+    allowed = [key for key in cfg.get("resume_allow") or [] if key != "num_processes"]  # (a checkpoint records it)
+    unknown = [key for key in allowed if OmegaConf.select(cfg, key, default=absent) is absent]
     if not unknown:  # every command is validated: the keys to suggest from are gathered only when needed
         return []
     keys = [*flatten(OmegaConf.to_container(cfg, resolve=False)), *cfg.keys()]

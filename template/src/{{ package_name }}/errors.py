@@ -108,6 +108,11 @@ def warn(logger: logging.Logger, message: str) -> None:
 DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
+# What a process group's other processes get from gloo or NCCL when the main process stopped (a data error raised
+# inside main_process_first, say) while they waited for it at a barrier.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 @contextmanager
 def reported() -> Iterator[None]:
     """Turn a UserError, Ctrl-C, a write the disk refused or memory that ran out inside the block into "Error:
@@ -125,6 +130,8 @@ def reported() -> Iterator[None]:
                 raise
             error = UserError(f"could not write {error.filename or 'a file'}: {error.strerror}; free space there")
         elif not isinstance(error, UserError):
+            if process_rank() and any(sign in str(error) for sign in PEER_GONE):
+                raise SystemExit(1) from None  # the main process stopped, and says why: this rank did not crash
             raise
         rank = process_rank()
         if rank == 0 or isinstance(error, OutOfMemory):  # memory runs out in one process, not in all of them

@@ -298,7 +298,9 @@ class ClaimRunFolder(Callback):
                     PREVIOUS_CONFIG[run_dir.resolve()] = saved
         except UserError as error:
             self.on_run_end(config)
-            raise SystemExit(f"Error: {error}") from None  # Hydra turns other exceptions in callbacks into warnings
+            # Hydra turns other exceptions in callbacks into warnings. The main process says why; the others, which
+            # check the same, exit without repeating it.
+            raise SystemExit(f"Error: {error}" if main else 1) from None
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock is not None:
