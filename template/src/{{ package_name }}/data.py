@@ -524,7 +524,8 @@ def _without_unlabelled_splits(splits: DatasetDict, uniques: dict, column: str, 
 
 
 def _as_text(split: Dataset, column: str) -> Callable:
-    """What gives a label's name: a class id's name where the column is a ClassLabel already, else str."""
+    """What gives a label's name: a class id's name where the column is a ClassLabel already, a whole float's integer
+    (2.0 -> "2"), else str."""
     feature = split.features[column]
     if isinstance(feature, ClassLabel):
         return feature.int2str

@@ -499,9 +499,7 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
         state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
         accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
         run.guard.check_evaluation(state["metrics"])
-    checkpoints.export(
-        accelerator, run.model, run.task.processor, run.run_dir / "model", run.task.labels, to_container(run.cfg)
-    )
+    export(run, "model")
     end(run)
     result = {
         "step": state["step"],
