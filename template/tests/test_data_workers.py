@@ -1,7 +1,8 @@
 """How batches are loaded (data.num_workers, evaluations between the steps) changes the speed, never the run."""
 
+import pytest
 import torch
-from conftest import reset_accelerate_state
+from conftest import TASKS, reset_accelerate_state
 from safetensors.torch import load_file
 
 
@@ -21,10 +22,12 @@ def test_worker_processes_give_the_run_that_loading_in_the_main_process_gives(
     assert all(torch.equal(weights[0][name], weights[2][name]) for name in weights[0])
 
 
-def test_evaluating_during_training_does_not_change_what_is_trained(pkg, make_config, toy_overrides, tmp_path):
-    # Dropout on (the tiny random model): each pass over the validation loader drew a seed from the global generator
-    # that dropout uses, so the losses after the first evaluation depended on trainer.eval_every_n_steps.
-    overrides = [o for o in toy_overrides if not o.startswith("model.")] + ["trainer.max_steps=10"]
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluating_during_training_does_not_change_what_is_trained(pkg, make_config, toys, tmp_path, task):
+    # Dropout on (the tiny random models): each pass over the validation loader drew a seed from the global generator
+    # that dropout uses, and the samples a generative task logs were generated with dropout on, drawing from it too;
+    # the losses after the first evaluation depended on trainer.eval_every_n_steps.
+    overrides = [o for o in toys(task) if not o.startswith("model.")] + ["trainer.max_steps=10"]
     losses = {}
     for every in (0, 3):
         run = pkg.loop.train(make_config(*overrides, f"trainer.eval_every_n_steps={every}"), tmp_path / str(every))

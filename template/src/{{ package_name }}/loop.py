@@ -5,7 +5,8 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,14 +114,24 @@ def flat_hparams(cfg: DictConfig) -> dict:
 def evaluate(task: Task, model, dataloader, accelerator: Accelerator) -> tuple:
     """The task's metrics over every example of `dataloader` exactly once, across all processes, and the
     per-example records they come from (the task's `evaluate_batch`)."""
+    records = []
+    with evaluation_mode(model):
+        for batch in dataloader:
+            # gather_for_metrics drops the examples duplicated to even out the last batch across processes.
+            records += accelerator.gather_for_metrics(task.evaluate_batch(model, batch), use_gather_object=True)
+    return {**task.compute_metrics(records), "examples": len(records)}, records
+
+
+@contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode inside (no dropout: it would draw from the generator that training's dropout uses
+    next), and in the mode it was in after."""
     training = model.training
     model.eval()
-    records = []
-    for batch in dataloader:
-        # gather_for_metrics drops the examples duplicated to even out the last batch across processes.
-        records += accelerator.gather_for_metrics(task.evaluate_batch(model, batch), use_gather_object=True)
-    model.train(training)
-    return {**task.compute_metrics(records), "examples": len(records)}, records
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def micro_batches(accelerator: Accelerator, train_dl, batches_seen: int):
@@ -396,7 +407,8 @@ def evaluate_and_decide(run: Run) -> None:
     if run.on_evaluation is not None:
         run.on_evaluation(step, state["metrics"])
     if accelerator.is_main_process:
-        samples = run.task.samples(accelerator.unwrap_model(run.model), run.eval_dl.dataset)
+        with evaluation_mode(run.model):  # greedy samples of the model as evaluated, not with dropout on
+            samples = run.task.samples(accelerator.unwrap_model(run.model), run.eval_dl.dataset)
         if samples:
             accelerator.log({f"samples/{k}": v for k, v in samples.items()}, step=step)
     if run.stopping.update(state) and run.cfg.checkpoint.keep != KeepPolicy.latest:
