@@ -360,6 +360,11 @@ def _not_a_key(prefix: str, key: str, names: list, everywhere: list) -> str:
     return f"{prefix}{key} is not a config key: {hint}"
 
 
+def override_key(override: str) -> str:
+    """The key that a command-line override sets: "optimizer.lr" of "optimizer.lr=1e-3", "+a.b=1" and "~a.b"."""
+    return override.lstrip("+~").partition("=")[0]
+
+
 def refuse_unknown_overrides(schema: Any, config_dir: Path, overrides: list) -> None:
     """A command-line `key=value` whose key is not in the schema is a ConfigError naming the key it is likely to be.
     Hydra refuses it too, but advises `+key=value`, which adds the typo (and validation then refuses it): right

@@ -242,6 +242,12 @@ def described(datasets: DatasetDict, labels: list | None) -> str:
     return f"data: {splits}{classes}{', ...' if labels is not None and len(labels) > 20 else ''}"
 
 
+def counted_per_split(counts: dict, splits: dict) -> str:
+    """For a warning, "2 of the 970 of validation, ...": `counts` maps a split's name to how many of its examples
+    something is true of, `splits` maps it to its examples; splits of a count of 0 are left out."""
+    return ", ".join(f"{count} of the {len(splits[name])} of {name}" for name, count in counts.items() if count)
+
+
 def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: tuple = ()) -> DatasetDict:
     """`train` and `validation` (held out of train when data.eval_split is null or the dataset has no other split),
     then any other split the dataset has (a test split, say). `columns` maps the task's config keys to the columns it

@@ -35,6 +35,7 @@ from .config import (
     idle_settings,
     import_target,
     model_folder,
+    override_key,
     to_container,
     user_path,
     validate,
@@ -582,7 +583,7 @@ def take_run_settings(cfg: DictConfig, saved: dict | None, command_line: list) -
     if saved is None:
         return False
     saved, command = OmegaConf.create(saved), cfg.copy()
-    given = [override.lstrip("+~").partition("=")[0] for override in command_line]
+    given = [override_key(override) for override in command_line]
     with open_dict(cfg):  # replaced, not merged: nothing of the default task or model stays
         cfg.task = saved.task
         cfg.trainer.seed, cfg.data.eval_fraction = saved.trainer.seed, saved.data.eval_fraction

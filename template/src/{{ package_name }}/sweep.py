@@ -34,6 +34,7 @@ from .config import (
     SweepConfig,
     TrainConfig,
     build_task,
+    override_key,
     range_problems,
     to_container,
     unknown_key,
@@ -204,8 +205,7 @@ def check_new_study(sweep: DictConfig, sweep_dir: Path) -> None:
 def warn_of_searched_and_set(space: dict) -> None:
     """Searched keys that the command line also sets: each trial replaces the value given."""
     for override in HydraConfig.get().overrides.task if HydraConfig.initialized() else []:
-        key = override.lstrip("+~").partition("=")[0]
-        if key in space:
+        if (key := override_key(override)) in space:
             logger.warning(
                 f"{override} is not what the trials train with: sweep.params.{key} searches {key}, and each trial "
                 f"takes its value from the search (~sweep.params.{key} searches it no more)"
@@ -351,6 +351,11 @@ def open_study(cfg: DictConfig, sweep_dir: Path, base: DictConfig, space: dict, 
     return study
 
 
+def trial_folder(number: int) -> str:
+    """The name of a trial's run folder in the sweep's folder: trial_000, trial_001, ..."""
+    return f"trial_{number:03d}"
+
+
 def write_trial_config(trial_dir: Path, cfg: DictConfig, values: dict) -> None:
     """The trial's config and overrides where train.py's Hydra writes them, so report.py reads a trial as a run."""
     hydra_dir = trial_dir / ".hydra"
@@ -374,7 +379,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
-        trial_dir = self.sweep_dir / f"trial_{trial.number:03d}"
+        trial_dir = self.sweep_dir / trial_folder(trial.number)
         if trial_dir.exists():  # check_new_study refused this before; another program started a study here since
             raise ConfigError(f"{trial_dir} holds another study's trial: start this sweep in another hydra.run.dir")
         logger.info(f"trial {trial.number}: {described(values)} in {trial_dir}")
@@ -432,7 +437,7 @@ def summary(study: optuna.Study, monitor: str) -> str:
     if any(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials):
         best = study.best_trial
         exact = " ".join(f"{key}={value!r}" for key, value in best.params.items())  # to copy, not rounded
-        whole = f"trial_{best.number:03d}/.hydra/config.yaml"
+        whole = f"{trial_folder(best.number)}/.hydra/config.yaml"
         lines.append(f"best: trial {best.number}, {monitor} {best.value:.4g}: {exact} (its whole config: {whole})")
     return "\n".join(lines)
 
