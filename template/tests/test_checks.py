@@ -221,11 +221,26 @@ class Top1Router(torch.nn.Module):
         return hidden * weight * self.experts[top.indices]
 
 
+class BehindAZeroLayer(torch.nn.Module):
+    """A gain whose output passes through a layer initialized to zero (as an output layer is, for a uniform start):
+    its gradient is zero and changing it alone changes nothing, until the layer after it learns."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(1))
+        self.out = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden):
+        return hidden + hidden * self.gain * self.out
+
+
 @pytest.mark.parametrize(
     "extra, weight, warned",
     [
         # It gets its gradient in .grad, from the backward inside: counted, and no warning.
         (GainThroughOwnBackward, "gain.weight", None),
+        # It learns once the zero layer does: no advice to freeze it (it was called unused).
+        (BehindAZeroLayer, "gain", None),
         # The padding row is constant by design; the other rows go unused.
         (PaddingIds, "embedding.weight", "unused"),
         # It will not learn (a warning), but nothing cut its gradient off.
@@ -250,6 +265,30 @@ def test_gradient_flow_passes_parameters_that_autograd_grad_finds_no_gradient_fo
         assert f", 1 {warned}" in summary and f"({name})" in warnings[0], warnings
     if warned == "with a flat loss":
         assert "exactly zero" in warnings[0] and "will not learn" in warnings[0], warnings
+
+
+class CountsCalls(torch.nn.Module):
+    """A count of training calls in a buffer that state_dict leaves out (persistent=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, hidden):
+        if self.training:
+            self.calls += 1
+        return hidden
+
+
+def test_checkpoint_round_trip_warns_of_buffers_no_checkpoint_holds_and_the_checks_put_them_back(toy, caplog):
+    setup = toy()
+    model = setup.run.accelerator.unwrap_model(setup.run.model)
+    model.add_module("extra", CountsCalls())
+    own_layer(model).register_forward_hook(lambda module, inputs, output: model.extra(output))
+    caplog.set_level(logging.WARNING, logger=checks.__name__)
+    checks.check_checkpoint_round_trip(setup.run, setup.batches[0])
+    assert model.extra.calls.item() == 0  # as before the check: a run with checks is the run without them
+    assert "training changes buffers that no checkpoint or export holds (extra.calls)" in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("key, value", [("labels", "outputs"), ("labels", -1), ("input_ids", 10**6)])

@@ -76,6 +76,7 @@ def snapshot(run) -> dict:
     accelerator = run.accelerator
     state = {
         "model": accelerator.unwrap_model(run.model).state_dict(),
+        "unsaved_buffers": unsaved_buffers(accelerator.unwrap_model(run.model)),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": None if accelerator.scaler is None else accelerator.scaler.state_dict(),
@@ -92,8 +93,11 @@ def snapshot(run) -> dict:
 
 def restore(run, saved: dict) -> None:
     """Load a snapshot back (it is used up: the optimizer may keep its tensors)."""
-    accelerator = run.accelerator
-    accelerator.unwrap_model(run.model).load_state_dict(saved["model"])
+    accelerator, model = run.accelerator, run.accelerator.unwrap_model(run.model)
+    model.load_state_dict(saved["model"])
+    with torch.no_grad():
+        for name, value in saved["unsaved_buffers"].items():
+            model.get_buffer(name).copy_(value)
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None:
@@ -103,6 +107,12 @@ def restore(run, saved: dict) -> None:
     torch.set_rng_state(saved["rng"]["torch"])
     torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     accelerator.step = saved["step"]
+
+
+def unsaved_buffers(model) -> dict:
+    """The buffers that state_dict leaves out (registered with persistent=False), by name."""
+    saved = model.state_dict(keep_vars=True)
+    return {name: buffer for name, buffer in model.named_buffers() if name not in saved}
 
 
 def _same(expected, actual) -> bool:
@@ -247,24 +257,32 @@ def check_validation(run, batches: list, evaluate) -> str:
     return f"{readable(metrics)} on {metrics['examples']:.0f} examples"
 
 
-@torch.no_grad()
-def moves_loss(task, model, parameters: list, batches: list, loss: float) -> bool:
-    """Whether a random change of `parameters` moves the loss (`loss` before it): the forward uses them.
-
-    An embedding's padding row is left as it is: it is constant by design (PyTorch gives it no gradient).
-    """
+@contextmanager
+def randomly_changed(model, parameters: list, scale: float = 1.0):
+    """`parameters` changed at random (reproducibly, not from the run's RNG) inside, as they were after. An
+    embedding's padding row is left as it is: it is constant by design (PyTorch gives it no gradient)."""
     embeddings = (m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None)
     padding = {id(m.weight): m.padding_idx for m in embeddings}
     originals = [parameter.detach().clone() for parameter in parameters]
-    for parameter in parameters:
-        generator = torch.Generator(parameter.device).manual_seed(0)  # not the global RNG: the run must not see it
-        change = torch.randn(parameter.shape, generator=generator, device=parameter.device).to(parameter.dtype)
-        if id(parameter) in padding:
-            change[padding[id(parameter)]] = 0
-        parameter.add_(change)
-    changed = eval_loss(task, model, batches)
-    for parameter, original in zip(parameters, originals):
-        parameter.copy_(original)
+    with torch.no_grad():
+        for parameter in parameters:
+            generator = torch.Generator(parameter.device).manual_seed(0)
+            change = torch.randn(parameter.shape, generator=generator, device=parameter.device).to(parameter.dtype)
+            if id(parameter) in padding:
+                change[padding[id(parameter)]] = 0
+            parameter.add_(change * scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for parameter, original in zip(parameters, originals):
+                parameter.copy_(original)
+
+
+def moves_loss(task, model, parameters: list, batches: list, loss: float) -> bool:
+    """Whether a random change of `parameters` moves the loss (`loss` before it): the forward uses them."""
+    with randomly_changed(model, parameters):
+        changed = eval_loss(task, model, batches)
     return not math.isclose(changed, loss, rel_tol=1e-5, abs_tol=1e-7)
 
 
@@ -274,10 +292,12 @@ def check_gradient_flow(run, batches: list) -> str:
 
     A tensor with no gradient, or one that is zero throughout (judged per tensor: an embedding row of an absent
     token rightly gets zero), is changed at random. If the loss stays, the forward does not use it (a pooler the
-    head skips, say): a warning, and plain DDP needs find_unused_parameters for one outside the autograd graph. If
-    the loss moves and the tensor is outside the graph, a bug cut its gradient off (a detach, a no_grad block, a
-    write through .data): that fails. If the loss moves and the gradient is exactly zero, the loss is flat around
-    it (a top-1 mixture-of-experts router, an argmax, dead units): it will not learn, a warning.
+    head skips, say): a warning, and plain DDP needs find_unused_parameters for one outside the autograd graph;
+    unless the loss moves once the other tensors change too: it sits behind a layer that passes nothing on yet (an
+    output layer initialized to zero), which is fine. If the loss moves and the tensor is outside the graph, a bug
+    cut its gradient off (a detach, a no_grad block, a write through .data): that fails. If the loss moves and the
+    gradient is exactly zero, the loss is flat around it (a top-1 mixture-of-experts router, an argmax, dead
+    units): it will not learn, a warning.
     """
     task, model = run.task, run.accelerator.unwrap_model(run.model)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -300,9 +320,23 @@ def check_gradient_flow(run, batches: list) -> str:
         unused = list(silent)  # usually all of them, found in one try; else each is tried alone
         if silent and moves_loss(task, model, list(silent.values()), batches, loss):
             unused = [name for name, p in silent.items() if not moves_loss(task, model, [p], batches, loss)]
+        # In the graph with a zero gradient, changing them alone moves nothing, but it does once the other tensors
+        # change: behind a layer that passes nothing on yet (an output layer initialized to zero), they learn once
+        # it does.
+        waiting = []
+        if any(grads[name] is not None for name in unused):
+            others = [p for name, p in trainable.items() if name not in silent]
+            with randomly_changed(model, others, scale=0.01):
+                moved_loss = eval_loss(task, model, batches)
+                waiting = [
+                    name
+                    for name in unused
+                    if grads[name] is not None and moves_loss(task, model, [trainable[name]], batches, moved_loss)
+                ]
+        unused = [name for name in unused if name not in waiting]
         outside_graph = [name for name in unused if grads[name] is None]  # what DDP waits for in vain
-    cut = [name for name in silent if name not in unused and grads[name] is None]
-    flat = [name for name in silent if name not in unused and grads[name] is not None]
+    cut = [name for name in silent if name not in unused + waiting and grads[name] is None]
+    flat = [name for name in silent if name not in unused + waiting and grads[name] is not None]
     ddp_fails = outside_graph and run.accelerator.num_processes > 1 and not run.cfg.trainer.find_unused_parameters
     saw = [f"{len(nonfinite)} with a non-finite gradient: {_listed(nonfinite)}"] if nonfinite else []
     saw += [f"{len(cut)} that change the loss but get no gradient (cut off): {_listed(cut)}"] if cut else []
@@ -328,6 +362,7 @@ def check_gradient_flow(run, batches: list) -> str:
             "mixture-of-experts router, an argmax); else look for dead units",
         )
     notes = [f"{len(unused)} unused"] if unused else []
+    notes += [f"{len(waiting)} behind a layer that passes nothing on yet"] if waiting else []
     notes += [f"{len(flat)} with a flat loss"] if flat else []
     return ", ".join([f"{len(trainable)} parameter tensors", *notes])
 
@@ -404,9 +439,12 @@ def check_checkpoint_round_trip(run, batch: dict) -> str:
     """Save the training state, scramble the live objects, load it back: everything is restored bit for
     bit (RNG states included: Accelerate only logs a failed RNG restore), and the files load on a CPU."""
     accelerator, folder = run.accelerator, run.run_dir / TEMP_FOLDER
+    model = accelerator.unwrap_model(run.model)
     with preserved(run):
         run.model.train()  # as the loop trains (a model loads in eval mode; Reformer's backward refuses that)
+        before = {name: buffer.clone() for name, buffer in unsaved_buffers(model).items()}
         train_step(run, batch)  # so the optimizer has state to save
+        unsaved = [name for name, buffer in unsaved_buffers(model).items() if not _same(before[name], buffer)]
         saved = snapshot(run)
         iteration = accelerator.project_configuration.iteration
         try:
@@ -429,6 +467,13 @@ def check_checkpoint_round_trip(run, batch: dict) -> str:
         "and every file loading on the CPU"
     )
     verdict(accelerator, "checkpoint_round_trip", expected, "; ".join(saw) or None)
+    if unsaved:
+        warn(
+            "checkpoint_round_trip",
+            f"training changes buffers that no checkpoint or export holds ({_listed(unsaved)}): registered with "
+            "persistent=False, they start anew on resume and in evaluate.py; register them persistent if they are "
+            "state",
+        )
     return f"{len(saved['model'])} model tensors, optimizer, scheduler, RNG and counters restored"
 
 

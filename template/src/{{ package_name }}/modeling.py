@@ -21,6 +21,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from torch.nn.parameter import UninitializedParameter
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
@@ -87,10 +88,12 @@ def refused_config(what: str) -> Iterator[None]:
 
 def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
     """Your own module class, built with `model.config` as keyword arguments, plus those of `task_kwargs`
-    (num_labels, vocab_size, ...) that its __init__ takes; its weights come from `model.name_or_path` if set."""
+    (num_labels, vocab_size, ...) that its __init__ takes (all of them for a **kwargs); its weights come from
+    `model.name_or_path` if set."""
     module_class = import_target("model._target_", cfg._target_)
     accepted = inspect.signature(module_class).parameters
-    kwargs = {name: value for name, value in task_kwargs.items() if name in accepted}
+    takes_any = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in accepted.values())
+    kwargs = {name: value for name, value in task_kwargs.items() if takes_any or name in accepted}
     own = OmegaConf.to_container(cfg.config, resolve=True)
     refuse_task_keys(own, kwargs)
     kwargs.update(own)
@@ -101,6 +104,7 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
             f"model.config does not fit {cfg._target_}{inspect.signature(module_class)}: {error} "
             f"(given: {sorted(kwargs)})"
         ) from None
+    refuse_wrong_types(module_class, own, cfg._target_)
     folder = None if cfg.name_or_path is None else model_folder(cfg.name_or_path)
     if cfg.name_or_path is not None and (folder is None or (folder / "config.json").is_file()):
         # A hub id or a save_pretrained folder: meant for a transformers model, not for this module.
@@ -111,6 +115,12 @@ def build_own_module(cfg: DictConfig, task_kwargs: dict) -> torch.nn.Module:
         )
     with refused_config(cfg._target_):
         module = module_class(**kwargs)
+    lazy = [name for name, tensor in module.named_parameters() if isinstance(tensor, UninitializedParameter)]
+    if lazy:  # their sizes come with the first forward pass, after the optimizer and the checks would need them
+        raise ConfigError(
+            f"model._target_={cfg._target_} has lazy layers (nn.LazyLinear, ...), whose weights are made at the first "
+            f"forward pass ({', '.join(lazy[:4])}): give those layers their input sizes (nn.Linear(in, out), say)"
+        )
     if folder is not None:
         with loading(cfg.name_or_path):
             weights = load_file(folder / WEIGHTS_FILE)
@@ -335,6 +345,26 @@ def read_by_the_model(auto_class, config: PretrainedConfig, key: str) -> bool:
 @functools.cache
 def _module_source(model_class: type) -> str:
     return inspect.getsource(inspect.getmodule(model_class))
+
+
+# The annotations of your own module's __init__ that a config value is checked against (a value of another type
+# failed later, in the forward pass, with a message that did not name the key), and the types each accepts.
+PLAIN_TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def refuse_wrong_types(module_class: type, own: dict, target: str) -> None:
+    """model.config values of another type than the one the __init__ of `module_class` annotates (int, float, bool
+    or str: a bool is not taken for a number, nor a number for a bool); None is left to the module."""
+    parameters = inspect.signature(module_class).parameters
+    for key, value in own.items():
+        annotation = parameters[key].annotation if key in parameters else None
+        if annotation not in PLAIN_TYPES or value is None:
+            continue
+        if not isinstance(value, PLAIN_TYPES[annotation]) or (type(value) is bool) != (annotation is bool):
+            raise ConfigError(
+                f"model.config.{key}={value!r} is a {type(value).__name__}, and {target} takes "
+                f"{key}: {annotation.__name__}"
+            )
 
 
 def refuse_task_keys(own: dict, task_values: dict) -> None:

@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import get_scheduler
 
-from .config import OptimizerConfig, OptimizerName, SchedulerName
+from .config import ConfigError, OptimizerConfig, OptimizerName, SchedulerName
 from .errors import warn
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,11 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
                 f"optimizer.{key}={cfg[key]} does nothing with optimizer.name={cfg.name.value}: only {readers} reads "
                 f"it (optimizer={READ_BY[key][0].value} to use it)",
             )
+    if not any(parameter.requires_grad for parameter in model.parameters()):  # torch's own words name no model
+        raise ConfigError(
+            f"the model ({type(model).__name__}) has no trainable parameters (none, or all with requires_grad=False): "
+            "there is nothing to train; unfreeze some"
+        )
     # No weight decay on biases and norm weights (the usual transformers recipe).
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]

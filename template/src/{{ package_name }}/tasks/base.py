@@ -10,7 +10,9 @@ config (config.build_task). Methods run in this order: `load`, `build_model`, th
 """
 
 import inspect
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +24,9 @@ from datasets import DatasetDict
 from omegaconf import DictConfig
 
 from ..config import ConfigError, MetricMode
+from ..errors import warn
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label of positions without a loss: padding, prompts (the transformers convention)
 
@@ -38,6 +43,11 @@ class Task:
     # The column of class ids in what `load` returns, for classifiers: a data.train_subset keeps every class's share
     # of the training split. None: the subset is drawn without regard to labels.
     stratify_by: ClassVar[str | None] = None
+    # For tasks that predict a sequence in order, (key, seen): the scores at position t may read batch[key] only at
+    # positions before t + seen. ("input_ids", 1) for a causal LM: tokens up to t predict token t + 1; ("labels", 0)
+    # for a seq2seq decoder: the labels before t predict label t. Checked on your own module before it trains: one
+    # that reads what it is to predict reaches a perplexity near 1 and learns nothing. None: no order.
+    predicted_in_order: ClassVar[tuple | None] = None
 
     # Data ------------------------------------------------------------------------------------------------
 
@@ -201,6 +211,58 @@ def refuse_what_the_model_cannot_take(task: Task, model, splits: dict, model_con
             f"arguments {list(inputs)} ({problem}): take them by these names (**kwargs takes those it does not use)"
         )
     _refuse_ids_past_the_model(task, model, splits, model_config.name_or_path)
+    if model_config._target_ is not None:  # a transformers model is built for the task's sizes
+        refuse_wrong_outputs(task, model, task.collate([example]), model_config._target_)
+
+
+def refuse_wrong_outputs(task: Task, model, batch: dict, target: str) -> None:
+    """Your own module's scores for a batch of one example, before anything trains: one row of `num_outputs` scores
+    per label (a module built for other sizes trains a head of other classes without an error, or fails at the
+    first evaluation), none that reads ahead (`predicted_in_order`); and say that a loss it returns goes unused."""
+    returned = []
+    hook = model.register_forward_hook(lambda module, args, output: returned.append(output))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # as if it never ran: no dropout, no RNG drawn
+            logits = task.logits(model, batch)
+            labels, outputs = batch["labels"], task.num_outputs(model)
+            if logits.shape[:-1] != labels.shape or logits.size(-1) != outputs:
+                raise ConfigError(
+                    f"model._target_={target} gives scores of shape {list(logits.shape)} for labels of shape "
+                    f"{list(labels.shape)}, and the task has {outputs} classes (or tokens): give one row of {outputs} "
+                    "scores per label; its __init__ gets the count by name (num_labels for classes, vocab_size for a "
+                    "vocabulary) if it takes an argument so named"
+                )
+            ahead = task.predicted_in_order is not None and reads_ahead(task, model, batch, *task.predicted_in_order)
+    finally:
+        hook.remove()
+        model.train(training)
+    if ahead:
+        raise ConfigError(
+            f"model._target_={target}: its scores at a position change with {task.predicted_in_order[0]} it may not "
+            "see there, so it reads what it is to predict: let each position see only those before it (a causal mask)"
+        )
+    own_loss = returned[0].get("loss") if isinstance(returned[0], Mapping) else getattr(returned[0], "loss", None)
+    if own_loss is not None:
+        warn(
+            logger,
+            f"model._target_={target} returns a loss of its own, which goes unused: the task's `loss` is the one "
+            "loss of training, evaluation and the checks (a Task subclass that overrides `loss` trains with yours)",
+        )
+
+
+def reads_ahead(task: Task, model, batch: dict, key: str, seen: int) -> bool:
+    """Whether changing batch[key] from the middle position on changes the scores at a position t that may read it
+    only before t + `seen` (see Task.predicted_in_order)."""
+    values = batch[key]
+    half = values.size(1) // 2
+    changed = values.clone()
+    later = changed[:, half:]
+    later[later != IGNORE_INDEX] = (later[later != IGNORE_INDEX] + 1) % task.num_outputs(model)
+    blind = half - seen + 1  # the positions t with t + seen <= half
+    before, after = (task.logits(model, {**batch, key: tensor})[:, :blind] for tensor in (values, changed))
+    return not torch.allclose(before, after, rtol=1e-4, atol=1e-5)
 
 
 def call_problem(function, arguments: dict) -> str | None:
@@ -244,8 +306,17 @@ def _refuse_ids_past_the_model(task: Task, model, splits: dict, name_or_path: st
 
 
 def logits_of(output) -> torch.Tensor:
-    """A model's output as logits: a transformers model's output has `.logits`; your own module may return them."""
-    return output if torch.is_tensor(output) else output.logits
+    """A model's output as logits: a transformers model's output has `.logits`; your own module may return them, or
+    a dict that holds them under "logits"."""
+    if torch.is_tensor(output):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if logits is None:
+        raise ConfigError(
+            f"the model returned a {type(output).__name__} without logits: return the scores as a tensor, a dict "
+            'with "logits", or an object with a .logits'
+        )
+    return logits
 
 
 def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
