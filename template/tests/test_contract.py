@@ -110,3 +110,65 @@ def test_a_task_of_own_modules_only_asks_for_one(pkg, make_config):
     model = make_config("model=pretrained", "model.model_type=bert").model
     with pytest.raises(config.ConfigError, match="model._target_ is not set, and this task has no transformers model"):
         modeling.build_model(model, None, {}, {})
+
+
+@dataclass
+class NamedRegression(TextRegression):
+    """The regression with class names of its own making, as a task that reads its labels in `load` sets them."""
+
+    names: str = "short,long"
+
+    def load(self, data_config, model_config, seed):
+        splits = super().load(data_config, model_config, seed)
+        self.labels = self.names.split(",")
+        return splits
+
+
+def test_evaluate_refuses_data_whose_classes_a_task_named_otherwise_than_the_model_learnt(pkg, make_config, tmp_path):
+    """Only tasks that read their labels with data.encode_labels refused them: another task's were scored by
+    position."""
+    run = ["trainer.max_steps=1", "checkpoint.every_n_steps=1", "trainer.log_with=none"]
+    cfg = regression(make_config, tmp_path, *run)
+    cfg.task._target_ = f"{__name__}.NamedRegression"
+    pkg.loop.train(cfg, tmp_path / "train")
+    reset_accelerate_state()
+    checkpoint = next((tmp_path / "train" / "checkpoints").iterdir())
+    cfg = regression(make_config, tmp_path, f"checkpoint_path='{checkpoint}'", config_name="evaluate")
+    cfg.task = OmegaConf.create({"_target_": f"{__name__}.NamedRegression", "names": "long,short"})
+    with pytest.raises(pkg.data.DataError, match=r"not those the model was trained for \(by position: short -> long"):
+        pkg.loop.evaluate_saved(cfg, tmp_path / "e", ["task.names=long,short"])
+
+
+class ModesAsText(TextRegression):
+    metrics = {"rmse": "min", "loss": "min"}
+
+
+class MainMetricNotDeclared(TextRegression):
+    main_metric = "RMSE"
+
+
+class NoLoss(TextRegression):
+    metrics = {"rmse": config.MetricMode.min}
+
+
+class MetricsOfOtherNames(TextRegression):
+    def compute_metrics(self, records):
+        return {"RMSE": 0.0, "loss": 0.0}
+
+
+@pytest.mark.parametrize(
+    "task_class, message",
+    [
+        (ModesAsText, "ModesAsText.metrics gives rmse: 'min', loss: 'min': give each metric MetricMode.max or"),
+        (MainMetricNotDeclared, 'it must hold "loss" (the non-finite guard reads it) and MainMetricNotDeclared.main_'),
+        (NoLoss, "NoLoss.metrics declares ['rmse']: it must hold \"loss\""),
+        (MetricsOfOtherNames, "compute_metrics returned ['RMSE', 'loss'], and its `metrics` declare ['loss', 'rmse']"),
+    ],
+)
+def test_a_task_class_that_breaks_the_metrics_contract_is_one_message(task_class, message, pkg, make_config, tmp_path):
+    """A traceback from deep in the loop once, or a preflight check that passed on metrics nobody declared."""
+    cfg = regression(make_config, tmp_path, "trainer.max_steps=1", "trainer.log_with=none", CHECKS_ON)
+    cfg.task._target_ = f"{__name__}.{task_class.__name__}"
+    with pytest.raises(config.ConfigError) as error:
+        pkg.loop.train(cfg, tmp_path / "train")
+    assert message in str(error.value), error.value

@@ -424,6 +424,7 @@ def build_task(node: DictConfig) -> Any:
     if not target:
         raise ConfigError("task._target_ is not set: choose a task with task=<name> (the files in configs/task/)")
     task_class = import_target("task._target_", target)
+    refuse_bad_metrics(task_class)
     options = {key: value for key, value in node.items() if key != "_target_"}
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(task_class), options))
@@ -434,6 +435,22 @@ def build_task(node: DictConfig) -> Any:
         raise ConfigError(f"task.{error.key} is not an option of {task_class.__name__}: {hint}") from None
     except ValidationError as error:
         raise ConfigError(f"task.{error.key}: {str(error).splitlines()[0]}") from None
+
+
+def refuse_bad_metrics(task_class: type) -> None:
+    """A task class's `metrics` (name -> MetricMode, "loss" among them) and `main_metric` (one of them), checked
+    before any run: a mode given as "max" or a main metric not declared failed with a traceback later."""
+    name, metrics = task_class.__name__, task_class.metrics
+    modes = [f"{metric}: {mode!r}" for metric, mode in metrics.items() if not isinstance(mode, MetricMode)]
+    if modes:
+        raise ConfigError(
+            f"{name}.metrics gives {', '.join(modes)}: give each metric MetricMode.max or MetricMode.min (config.py)"
+        )
+    if "loss" not in metrics or task_class.main_metric not in metrics:
+        raise ConfigError(
+            f'{name}.metrics declares {sorted(metrics)}: it must hold "loss" (the non-finite guard reads it) and '
+            f"{name}.main_metric={task_class.main_metric!r}"
+        )
 
 
 def import_target(key: str, target: str) -> type:

@@ -120,7 +120,13 @@ def evaluate(task: Task, model, dataloader, accelerator: Accelerator) -> tuple:
         for batch in dataloader:
             # gather_for_metrics drops the examples duplicated to even out the last batch across processes.
             records += accelerator.gather_for_metrics(task.evaluate_batch(model, batch), use_gather_object=True)
-    return {**task.compute_metrics(records), "examples": len(records)}, records
+    metrics = task.compute_metrics(records)
+    if set(metrics) != set(task.metrics):  # a missing one failed later (early stopping, keep=best), or went unseen
+        raise ConfigError(
+            f"{type(task).__name__}.compute_metrics returned {sorted(metrics)}, and its `metrics` declare "
+            f"{sorted(task.metrics)}: return one number for each declared name"
+        )
+    return {**metrics, "examples": len(records)}, records
 
 
 @contextmanager
@@ -624,7 +630,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path, command_line: list = ()) -> d
             data.train_split = data.eval_split = cfg.split
     task = build_task(cfg.task)
     # A classifier reads the data's labels by the names its model was trained for: a file may hold some of them.
-    task.labels = saved_labels(cfg.model.name_or_path) if checkpoint is None else record.get("labels")
+    trained_for = task.labels = saved_labels(cfg.model.name_or_path) if checkpoint is None else record.get("labels")
     with accelerator.main_process_first():
         try:
             datasets = task.load(cfg.data, cfg.model, cfg.trainer.seed)
@@ -639,6 +645,12 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path, command_line: list = ()) -> d
                 f"command is task={task_name(command_task)}'s: add task={task_name(cfg.task._target_)} for the data of "
                 "its task)"
             ) from None
+    if trained_for is not None and task.labels != trained_for:  # a task whose `load` made its own from the data
+        changes = run_folder.label_changes(trained_for, task.labels)
+        raise DataError(
+            f"the data's classes are not those the model was trained for ({changes}): each output would be scored "
+            "as another class; evaluate on data of its classes"
+        )
     # Loaded, data.train_split and data.eval_split are called train and validation (split=test may name either).
     split = {data.train_split: "train", data.eval_split: "validation"}.get(cfg.split, cfg.split)
     if split not in datasets:

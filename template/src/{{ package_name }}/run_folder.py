@@ -159,16 +159,21 @@ def check_same_data(checkpoint: Path, saved: dict | None, now: dict, allowed) ->
     )
 
 
+def label_changes(saved: list, now: list) -> str:
+    """How the classes `now` differ from those a model was trained for, `saved` (both in id order)."""
+    changes = [f"{old} -> {new}" for old, new in zip(saved, now) if old != new][:5]
+    count = f"{len(saved)} classes then, {len(now)} now; " if len(saved) != len(now) else ""
+    return f"{count}by position: {', '.join(changes) or 'the same first ones'}"
+
+
 def check_same_labels(checkpoint: Path, saved: list | None, now: list | None) -> None:
     """Refuse a resume whose classes are not the checkpoint's (a label renamed, added or dropped in the data): each
     output of the trained head would mean another class than it learnt."""
     if saved is not None and now is not None and saved != now:
-        changes = [f"{old} -> {new}" for old, new in zip(saved, now) if old != new][:5]
-        count = f"{len(saved)} classes then, {len(now)} now; " if len(saved) != len(now) else ""
         raise RunFolderError(
-            f"resume={checkpoint}: the data's classes are not those its run trained on ({count}by position: "
-            f"{', '.join(changes) or 'the same first ones'}), and each output of the model would mean another class. "
-            "Resume with that data, or start a new run (resume=null, in a new hydra.run.dir)"
+            f"resume={checkpoint}: the data's classes are not those its run trained on ({label_changes(saved, now)}), "
+            "and each output of the model would mean another class. Resume with that data, or start a new run "
+            "(resume=null, in a new hydra.run.dir)"
         )
 
 
