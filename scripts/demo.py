@@ -3,7 +3,7 @@
     python scripts/demo.py [--dest DIR] [-- HYDRA_OVERRIDE ...]
 
 The project is rendered from this working tree, uncommitted changes included, into
-`demo-project/` (replaced if present), then `python train.py` runs in it offline.
+`demo-project/` (replaced if this script made it), then `python train.py` runs in it offline.
 """
 
 import argparse
@@ -18,6 +18,7 @@ import copier
 from copier.errors import DirtyLocalWarning
 
 REPO = Path(__file__).resolve().parent.parent
+MARKER = ".demo-project"  # written into the folder this script renders: the only kind it replaces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     dest = args.dest.resolve()
 
     if dest.exists():
-        if any(dest.iterdir()) and not (dest / ".copier-answers.yml").is_file():
-            parser.error(f"{dest} is not a rendered project; refusing to replace it")
+        # Only a folder this script made is replaced: a project of yours holds your work.
+        if any(dest.iterdir()) and not (dest / MARKER).is_file():
+            parser.error(f"{dest} was not made by scripts/demo.py (no {MARKER}); not replacing it")
         shutil.rmtree(dest)
     # vcs_ref="HEAD" renders the working tree: Copier commits uncommitted changes in its
     # temporary clone (it works in a repository with no commits too). Without it Copier would
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DirtyLocalWarning)
         copier.run_copy(str(REPO), dest, defaults=True, unsafe=True, vcs_ref="HEAD")
+    (dest / MARKER).write_text("Made by scripts/demo.py, which replaces this folder each run.\n")
 
     command = [sys.executable, "train.py", *args.overrides]
     print(f"\n$ cd {dest} && {' '.join(command)}", flush=True)
