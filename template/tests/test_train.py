@@ -147,3 +147,23 @@ def test_a_dataset_saved_with_save_to_disk_trains(pkg, make_config, toy_override
         data = [f"data.files.{split}={tmp_path / split}" for split in ("train", "validation")]
     cfg = make_config(*toy_overrides, *data, "trainer.max_steps=2")
     assert pkg.loop.train(cfg, tmp_path / "run")["step"] == 2
+
+
+def test_a_multirun_goes_on_past_a_failed_job_and_a_refused_job_leaves_the_run_it_found(
+    toy_overrides, tmp_path, capsys
+):
+    """A failed job's SystemExit ended the whole grid; a job of another mixed precision than the one before it failed
+    on Accelerate's state; a refused job's .hydra files replaced those of the finished run in its folder."""
+    grid = ["trainer.mixed_precision=bf16,no", "checkpoint.monitor=loss,nonsense", "trainer.max_steps=1"]
+    code, output = run_in_process("train.py", ["-m", *toy_overrides, *grid, f"hydra.sweep.dir={tmp_path}"], capsys)
+    assert code == 1, output
+    assert output.count("checkpoint.monitor=nonsense is not a metric") == 2, output
+    assert output.rstrip().endswith(f"Error: 2 job(s) failed, each said why above: {tmp_path / '1'}, {tmp_path / '3'}")
+    assert [(tmp_path / job / "metrics.json").is_file() for job in "0123"] == [True, False, True, False]
+    assert "checkpoint.monitor=nonsense is not a metric" in (tmp_path / "1" / "train.log").read_text()  # why it ended
+    record = {path: path.read_bytes() for path in (tmp_path / "0" / ".hydra").iterdir()}
+    code, output = run_in_process(
+        "train.py", ["-m", *toy_overrides, "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}"], capsys
+    )
+    assert code == 1 and "holds another run" in output, output
+    assert {path: path.read_bytes() for path in (tmp_path / "0" / ".hydra").iterdir()} == record

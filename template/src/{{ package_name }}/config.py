@@ -33,6 +33,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from . import launch
 from .errors import UserError, reported
 from .records import STATE_FILE, WEIGHTS_FILE
 from .runs import flatten
@@ -670,6 +671,12 @@ class ValidateConfig(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with reported():  # each job's config is validated as it starts (its sweep values differ)
             refuse(unresolvable(config.hydra.sweep, "hydra.sweep.", ["dir"]))
+            if launch.world_size() > 1:  # the processes' group ends with the first job, and the second one hung
+                raise ConfigError(
+                    "train.py -m runs its jobs one after another in the same processes, which a multi-process launch "
+                    "cannot: launch each job on its own (accelerate launch ... train.py <one job's overrides>), or "
+                    "send the jobs to a cluster (-m hydra/launcher=slurm)"
+                )
 
 
 def yaml_mistake(error: yaml.YAMLError) -> str:

@@ -137,5 +137,36 @@ def reported() -> Iterator[None]:
         if rank == 0 or isinstance(error, OutOfMemory):  # memory runs out in one process, not in all of them
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 traceback.print_exc()
-            print(f"Error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr, flush=True)
+            message = f"Error{f' (rank {rank})' if rank else ''}: {error}"
+            print(message, file=sys.stderr, flush=True)
+            for handler in logging.getLogger().handlers:  # the run's train.log says why it ended, not only stderr
+                if isinstance(handler, logging.FileHandler):
+                    handler.emit(logging.makeLogRecord({"name": __name__, "levelname": "ERROR", "msg": message}))
         raise SystemExit(error.exit_code) from None
+
+
+FAILED_JOBS: list = []  # the run folders of the jobs of `train.py -m` that failed
+
+
+@contextmanager
+def reported_job(run_dir, multirun: bool) -> Iterator[None]:
+    """reported() for one run of train.py. In a multirun (-m) a job that fails is said and listed, and the next job
+    runs, as Hydra's launcher goes on after other errors (a SystemExit stopped the sweep); Ctrl-C stops it."""
+    try:
+        with reported():
+            yield
+    except SystemExit as stop:
+        if not multirun or stop.code in (0, Interrupted.exit_code):
+            raise
+        FAILED_JOBS.append(str(run_dir))
+
+
+def exit_if_jobs_failed() -> None:
+    """After `train.py -m`: exit 1, naming the folders of the jobs that failed, if any did."""
+    if FAILED_JOBS:
+        if process_rank() == 0:
+            print(
+                f"Error: {len(FAILED_JOBS)} job(s) failed, each said why above: {', '.join(FAILED_JOBS)}",
+                file=sys.stderr,
+            )
+        raise SystemExit(1)

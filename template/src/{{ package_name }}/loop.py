@@ -339,6 +339,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Build everything the run needs, in an order that makes it reproducible; resume if asked to."""
     validate(cfg)
     run_folder.refuse_reuse(run_dir, cfg.resume)  # train.py's Hydra callback checked already; loop.train callers not
+    launch.reset_accelerate_state()  # a run before this one in the process (a job of train.py -m) left its settings
     trainer = cfg.trainer
     if trainer.deterministic:  # needed by deterministic cuBLAS; must be set before CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

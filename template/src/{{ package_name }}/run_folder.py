@@ -220,7 +220,8 @@ def refuse_reuse(run_dir: Path, resume: str | None) -> None:
 @contextmanager
 def restored_if_refused(run_dir: Path) -> Iterator[None]:
     """A resume refused once its checkpoint and data are loaded (loop.setup: other classes, other data, a state that
-    does not fit) leaves the run's .hydra files as they were, not as the refused command's."""
+    does not fit), or a job of `train.py -m` refused its folder, leaves the run's .hydra files as they were, not as
+    the refused command's."""
     try:
         yield
     except UserError:
@@ -306,6 +307,14 @@ class ClaimRunFolder(Callback):
             # Hydra turns other exceptions in callbacks into warnings. The main process says why; the others, which
             # check the same, exit without repeating it.
             raise SystemExit(f"Error: {error}" if main else 1) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A job of `train.py -m` is claimed in loop.setup, after Hydra wrote its .hydra files over those of the run
+        that its folder may hold: keep every job folder's, for a refused job to put back (restored_if_refused)."""
+        for hydra_dir in Path(os.path.abspath(config.hydra.sweep.dir)).glob("**/.hydra"):
+            PREVIOUS_CONFIG[hydra_dir.parent.resolve()] = {
+                path.name: path.read_bytes() for path in hydra_dir.glob("*.yaml")
+            }
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock is not None:
