@@ -45,6 +45,12 @@ MISTAKES = [
         "unknown evaluate key", ["splti=test"], "splti is not a config key: did you mean split?", script="evaluate.py"
     ),
     Mistake("unknown sweep key", ["sweep.n_trial=2"], "did you mean sweep.n_trials?", script="sweep.py"),
+    Mistake(  # it was refused as a resume that changed the config, and with resume_allow it evaluated something else
+        "evaluate told to resume",
+        [TOY, "resume={tmp}/checkpoints/step_00000002"],
+        "evaluate.py continues no run; checkpoint_path=<checkpoint folder> evaluates a checkpoint",
+        script="evaluate.py",
+    ),
     Mistake("out of range", [TOY, "optimizer.lr=-1"], "optimizer.lr=-1.0 is out of range: it must be > 0"),
     Mistake("enum typo", [TOY, "trainer.mixed_precision=bf61"], "Invalid value 'bf61'"),
     Mistake(

@@ -121,11 +121,11 @@ def test_runs_record_metrics_and_report_compares_them(multirun, tmp_path, capsys
         assert "optimizer.lr=0.01" in next(csv.DictReader(file))["config"]  # a single run: its overrides
 
     # Runs whose files were written over are left out by name; the others are reported.
-    (multirun / "1" / ".hydra" / "config.yaml").write_text("optimizer: {lr: [\n")
+    (multirun / "1" / ".hydra" / "overrides.yaml").write_text("- [optimizer.lr\n")
     (multirun / "2" / "metrics.jsonl").write_bytes(b"\xff\xfe binary")
     code, output = run_in_process("report.py", [str(multirun), "--out", str(out)], capsys)
     assert code == 0 and "1 runs by" in output and "Traceback" not in output, output
-    assert f"left out, unreadable: {multirun / '1' / '.hydra' / 'config.yaml'} is not valid YAML (" in output
+    assert f"left out, unreadable: {multirun / '1' / '.hydra' / 'overrides.yaml'} is not valid YAML (" in output
     assert f"{multirun / '2' / 'metrics.jsonl'} is not UTF-8 text" in output
     code, output = run_in_process("report.py", [str(multirun / "1"), "--out", str(out)], capsys)
     assert code == 2 and "report.py: no run can be read: " in output and "Traceback" not in output, output
@@ -211,6 +211,10 @@ def test_a_resumed_run_counts_each_step_once_the_later_line_winning(pkg, toy_ove
     assert run.train[2:] == [line for line in lines if "train/loss" in line][4:]  # the resumed run's lines
     assert [step for step, _ in run.metric("loss")] == [4, 8]
     assert run.summary == json.loads((run_dir / "metrics.json").read_text())
+    # Its seconds add those of the run it resumed, up to the checkpoint (they were the last process's alone).
+    resumed = pkg.checkpoints.read_record(run_dir / "checkpoints" / "step_00000004")["trainer"]
+    assert 0 < resumed["train_seconds"] < run.summary["train_seconds"], (resumed, run.summary)
+    assert resumed["run_seconds"] < run.summary["run_seconds"]
 
 
 def test_unfinished_runs_are_ranked_by_their_monitored_metric_where_they_stand(toy_overrides, tmp_path, capsys):
@@ -229,7 +233,8 @@ def test_unfinished_runs_are_ranked_by_their_monitored_metric_where_they_stand(t
 
     # The first line of a run names what it is judged by: the task's main metric here, not the validation loss.
     start = lines[0]
-    assert start == {"step": 0, "time": start["time"], "monitor": start["monitor"], "mode": start["mode"]}
+    assert set(start) == {"step", "time", "monitor", "mode", "config"} and start["step"] == 0
+    assert start["config"]["trainer"]["max_steps"] == 12  # resolved: the numbers, not the interpolations
     assert start["monitor"] != "loss"
     code, output = run_in_process("report.py", [str(runs), "--out", str(tmp_path / "report")], capsys)
     assert code == 0, output
@@ -272,3 +277,27 @@ def test_each_run_in_one_process_reports_its_own_peak_memory():
     assert metrics_log.peak_memory(cpu)["perf/peak_rss_gb"] == during  # a peak stays after the memory is freed
     metrics_log.reset_peak_memory(cpu)
     assert metrics_log.peak_memory(cpu)["perf/peak_rss_gb"] < during - 0.3
+
+
+def test_report_compares_resolved_configs_ranks_each_metric_apart_and_passes_over_evaluations(
+    toy_overrides, tmp_path, capsys, monkeypatch
+):
+    """.hydra/config.yaml keeps ${oc.env:...} as written: two seeds showed no config that differs. A run judged by
+    another metric was ranked by the first run's. evaluate.py's folders were listed as runs that failed."""
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        monkeypatch.setenv("PICKED_SEED", str(seed))
+        args = [*toy_overrides, *STEPS, "trainer.seed=${oc.env:PICKED_SEED}", f"hydra.run.dir={runs / f'seed{seed}'}"]
+        assert run_in_process("train.py", args, capsys)[0] == 0
+    args = [*toy_overrides, *STEPS, "checkpoint.monitor=loss", f"hydra.run.dir={runs / 'by_loss'}"]
+    assert run_in_process("train.py", args, capsys)[0] == 0
+    main_metric = json.loads((runs / "seed1" / "metrics.json").read_text())["monitor"]
+    args = [*toy_overrides, f"model.name_or_path={runs / 'seed1' / 'model'}", f"hydra.run.dir={runs / 'evaluated'}"]
+    assert run_in_process("evaluate.py", args, capsys)[0] == 0
+
+    code, output = run_in_process("report.py", [str(runs), "--out", str(tmp_path / "report")], capsys)
+    assert code == 0, output
+    assert f", runs judged by {main_metric}:\n2 runs by {main_metric}" in output, output
+    assert ", runs judged by loss:\n1 runs by loss" in output, output
+    assert "trainer.seed=1" in output and "trainer.seed=2" in output, output
+    assert "no metrics.jsonl" not in output and "evaluated" not in output, output

@@ -139,7 +139,6 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
-        logger.info(f"checkpoint saved: {final}")
     accelerator.wait_for_everyone()
     return final
 

@@ -400,6 +400,7 @@ def check_overfit_batch(run, batch: dict) -> str:
             f"the model learns slowly: {summary}, short of the target {target:.4g}. Fine for some tiny random "
             "models; otherwise raise optimizer.lr, or checks.overfit_steps to look longer",
         )
+        return f"{summary}, short of the target: the warning above"
     return summary
 
 

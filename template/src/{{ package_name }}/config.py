@@ -608,6 +608,11 @@ def validate(cfg: DictConfig) -> None:
     problems = _unknown_keys(cfg, "", _schema_keys(schema)) if is_dataclass(schema) else []
     problems += range_problems(TrainConfig, cfg, "")
     problems += _task_problems(cfg) + _model_problems(cfg.model) + _resume_allow_problems(cfg)
+    if "checkpoint_path" in cfg and cfg.resume is not None:  # evaluate.py's config is train.py's, plus its own keys
+        problems.append(
+            f"resume={cfg.resume}: evaluate.py continues no run; checkpoint_path=<checkpoint folder> evaluates a "
+            "checkpoint (model.name_or_path=<run>/model an export)"
+        )
     data = cfg.data
     if (data.name is None) == (not data.files):
         problems.append(

@@ -277,7 +277,12 @@ def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: 
                 f"{cfg.eval_fraction} of them for validation: give a validation split (data.files.validation=...) or "
                 "more examples (a .txt file holds one per paragraph: blank lines separate them)"
             ) from None
-        held_out["test"].info.description = f"{cfg.eval_fraction} held out of {source(train)}"
+        # Of a few examples the share rounds up: say what was held out (1 of 3 documents is no tenth).
+        validation, fraction = held_out["test"], cfg.eval_fraction
+        validation.info.description = (
+            f"held out of {source(train)}: {len(validation)} of its {len(train)} examples (data.eval_fraction="
+            f"{fraction})"
+        )
         splits = {"train": held_out["train"], "validation": held_out["test"]}
     others = {name: split for name, split in raw.items() if name not in (cfg.train_split, cfg.eval_split)}
     return DatasetDict({**splits, **others})

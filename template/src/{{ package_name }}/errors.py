@@ -139,10 +139,21 @@ def reported() -> Iterator[None]:
                 traceback.print_exc()
             message = f"Error{f' (rank {rank})' if rank else ''}: {error}"
             print(message, file=sys.stderr, flush=True)
-            for handler in logging.getLogger().handlers:  # the run's train.log says why it ended, not only stderr
-                if isinstance(handler, logging.FileHandler):
-                    handler.emit(logging.makeLogRecord({"name": __name__, "levelname": "ERROR", "msg": message}))
+            log_to_files(message)
         raise SystemExit(error.exit_code) from None
+
+
+def log_to_files(message: str) -> None:
+    """`message` into the log files only (the run's train.log says why it ended; the screen has it already). A file
+    that cannot be written to (a full disk: the error being said, maybe) is passed over without a word."""
+    record = logging.makeLogRecord({"name": __name__, "levelno": logging.ERROR, "levelname": "ERROR", "msg": message})
+    raising, logging.raiseExceptions = logging.raiseExceptions, False  # else a failed write prints a traceback
+    try:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    finally:
+        logging.raiseExceptions = raising
 
 
 FAILED_JOBS: list = []  # the run folders of the jobs of `train.py -m` that failed
@@ -162,11 +173,11 @@ def reported_job(run_dir, multirun: bool) -> Iterator[None]:
 
 
 def exit_if_jobs_failed() -> None:
-    """After `train.py -m`: exit 1, naming the folders of the jobs that failed, if any did."""
-    if FAILED_JOBS:
+    """After `train.py -m`: exit 1, naming the folders of the jobs that failed, if any did (and forget them: a
+    process may run train.py again, as the tests do)."""
+    failed = FAILED_JOBS.copy()
+    FAILED_JOBS.clear()
+    if failed:
         if process_rank() == 0:
-            print(
-                f"Error: {len(FAILED_JOBS)} job(s) failed, each said why above: {', '.join(FAILED_JOBS)}",
-                file=sys.stderr,
-            )
+            print(f"Error: {len(failed)} job(s) failed, each said why above: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

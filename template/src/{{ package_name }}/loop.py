@@ -290,6 +290,25 @@ class NonFiniteGuard:
 
 
 @dataclass
+class Clock:
+    """The seconds a run has cost: those of the runs it resumes (`before`, as its checkpoint holds them) and this
+    process's, since it `started` and since its training did. A resumed run's metrics.json once counted only the
+    last process's part (report.py's "train s", rank_check's compute)."""
+
+    before: dict
+    started: float
+    training: float | None = None
+
+    def seconds(self) -> dict:
+        now = time.perf_counter()
+        training = 0.0 if self.training is None else now - self.training
+        return {
+            "train_seconds": self.before.get("train_seconds", 0.0) + training,
+            "run_seconds": self.before.get("run_seconds", 0.0) + now - self.started,
+        }
+
+
+@dataclass
 class Run:
     """One training run: its config and folder, the prepared objects, and the state its checkpoints hold."""
 
@@ -314,10 +333,12 @@ class Run:
     # of microseconds, a few percent of a tiny model's step when the loop reads a handful of them.
     trainer: TrainerConfig = field(init=False)
     guard: NonFiniteGuard = field(init=False)
+    clock: Clock = field(init=False)
 
     def __post_init__(self):
         self.trainer = OmegaConf.to_object(self.cfg.trainer)
         self.guard = NonFiniteGuard(self.trainer, self.state)
+        self.clock = Clock(dict(self.state), time.perf_counter())
 
 
 def new_state(seed: int, train_data: dict) -> dict:
@@ -332,6 +353,9 @@ def new_state(seed: int, train_data: dict) -> dict:
         "stopped_early": False,
         "skipped_steps": 0,  # updates dropped for a non-finite loss (trainer.nonfinite_loss=skip)
         "last_finite_loss": None,
+        # Seconds up to the latest checkpoint, of every process run of it (a resume adds its own): see Clock.
+        "train_seconds": 0.0,
+        "run_seconds": 0.0,
     }
 
 
@@ -410,7 +434,7 @@ def evaluate_and_decide(run: Run) -> None:
     accelerator, state, step = run.accelerator, run.state, run.state["step"]
     state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
     run.evaluated_step = step
-    accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=step)
+    log_evaluation(run)
     run.guard.check_evaluation(state["metrics"])
     if run.on_evaluation is not None:
         run.on_evaluation(step, state["metrics"])
@@ -439,7 +463,9 @@ def save_checkpoint(run: Run) -> None:
     if run.guard.last_update_skipped():
         logger.warning(f"step {step}: no checkpoint, as its loss was not finite", main_process_only=True)
         return
-    checkpoints.save(run.accelerator, checkpoint_dir, run.state, to_container(run.cfg), run.task.labels)
+    run.state.update(run.clock.seconds())
+    path = checkpoints.save(run.accelerator, checkpoint_dir, run.state, to_container(run.cfg), run.task.labels)
+    logger.info(f"checkpoint saved: {path}", main_process_only=True)  # the run's (the preflight check's says nothing)
     if run.accelerator.is_main_process:
         checkpoints.prune(checkpoint_dir, run.cfg.checkpoint, run.stopping.metric, run.stopping.mode)
 
@@ -450,7 +476,8 @@ def fit(run: Run) -> list:
     checkpoint_every = cfg.checkpoint.every_n_steps
     accelerator.init_trackers(trainer.tracker_project, config=flat_hparams(cfg))
     if accelerator.is_main_process:
-        append_start(run.run_dir / METRICS_FILE, state["step"], run.stopping.metric, run.stopping.mode.value)
+        judged_by = run.stopping.metric, run.stopping.mode.value
+        append_start(run.run_dir / METRICS_FILE, state["step"], *judged_by, to_container(cfg))
     run.model.train()
     # One optimizer step per cycle of `gradient_accumulation_steps` micro-batches. Cycles run on across
     # epoch ends, as Accelerate's own accumulation counter does (so its sync decisions match ours).
@@ -500,6 +527,13 @@ def export(run: Run, name: str) -> None:
     )
 
 
+def log_evaluation(run: Run) -> None:
+    """The latest evaluation's metrics to the tracker and to the log (train.log holds every evaluation)."""
+    step, metrics = run.state["step"], run.state["metrics"]
+    run.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    logger.info(f"step {step}: validation {readable(metrics)}", main_process_only=True)
+
+
 def end(run: Run) -> None:
     """Close the trackers (metrics.jsonl keeps every line logged) and free the model and the accelerator's memory."""
     # Free the DDP-wrapped model before end_training destroys the process group. Otherwise its reducer holds the
@@ -510,14 +544,13 @@ def end(run: Run) -> None:
     run.accelerator.end_training()
 
 
-def finish(run: Run, train_seconds: float, started: float) -> dict:
-    """Evaluate the final model, export it, end the trackers and write metrics.json (`started`: the perf_counter
-    when the run began)."""
+def finish(run: Run) -> dict:
+    """Evaluate the final model, export it, end the trackers and write metrics.json."""
     accelerator, state = run.accelerator, run.state
     # A run that ends on an evaluation step (the default runs, early stopping) has just evaluated this very model.
     if run.evaluated_step != state["step"]:
         state["metrics"], _ = evaluate(run.task, run.model, run.eval_dl, accelerator)
-        accelerator.log({f"eval/{k}": v for k, v in state["metrics"].items()}, step=state["step"])
+        log_evaluation(run)
         run.guard.check_evaluation(state["metrics"])
     export(run, "model")
     end(run)
@@ -528,10 +561,9 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
         "mode": run.stopping.mode.value,  # which way the monitored metric is better
         "stopped_early": state["stopped_early"],
         "skipped_steps": state["skipped_steps"],
-        "train_seconds": train_seconds,
-        # The whole run in this process: data, model, checks, training, final evaluation and export (what a run
-        # costs; rank_check.py compares budgets by it).
-        "run_seconds": time.perf_counter() - started,
+        # Training, and the whole run: data, model, checks, training, final evaluation and export (what a run costs;
+        # rank_check.py compares budgets by it); a resumed run's include those of the runs it resumes.
+        **run.clock.seconds(),
         "num_processes": accelerator.num_processes,
         "ranks": run.ranks,
     }
@@ -540,7 +572,8 @@ def finish(run: Run, train_seconds: float, started: float) -> dict:
         append_summary(run.run_dir / METRICS_FILE, result)
     shown = readable(state["metrics"])
     accelerator.print(
-        f"step {state['step']}: validation {shown} ({train_seconds:.1f}s of training); model in {run.run_dir / 'model'}"
+        f"step {state['step']}: validation {shown} ({result['train_seconds']:.1f}s of training); model in "
+        f"{run.run_dir / 'model'}"
     )
     return result
 
@@ -564,13 +597,13 @@ def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], N
     started = time.perf_counter()
     with run_folder.restored_if_refused(Path(run_dir)):  # a resume refused in setup leaves .hydra/ as it was
         run = setup(cfg, Path(run_dir))
-    run.on_evaluation = on_evaluation
+    run.on_evaluation, run.clock.started = on_evaluation, started
     try:
         if run.resumed_from is None:  # a fresh run: sanity checks before the first step, leaving the run as it was
             run_preflight_checks(run, lambda model, batches: evaluate(run.task, model, batches, run.accelerator)[0])
-        start = time.perf_counter()
+        run.clock.training = time.perf_counter()
         losses = fit(run)
-        return {**finish(run, time.perf_counter() - start, started), "losses": losses}
+        return {**finish(run), "losses": losses}
     except BaseException as error:
         if run.model is not None:  # not ended yet: the caller may start another run in this process (a sweep)
             end(run)

@@ -42,10 +42,12 @@ def append_summary(path: Path, result: dict) -> None:
     append_line(path, {"step": result["step"], "time": round(time.time(), 3), "summary": result})
 
 
-def append_start(path: Path, step: int, monitor: str, mode: str) -> None:
+def append_start(path: Path, step: int, monitor: str, mode: str, config: dict) -> None:
     """The first line of a run (and of each resume): the metric it is judged by, for report.py to rank runs that have
-    not finished yet as they will be ranked when they have."""
-    append_line(path, {"step": step, "time": round(time.time(), 3), "monitor": monitor, "mode": mode})
+    not finished yet as they will be ranked when they have, and the resolved config (.hydra/config.yaml keeps
+    interpolations such as ${oc.env:SEED} as written)."""
+    line = {"step": step, "time": round(time.time(), 3), "monitor": monitor, "mode": mode, "config": config}
+    append_line(path, line)
 
 
 def append_stop(path: Path, step: int, error: BaseException) -> None:

@@ -6,6 +6,7 @@ import csv
 import os
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .records import METRICS_FILE, task_name
@@ -14,13 +15,12 @@ from .runs import NoRunsError, UnreadableRunError, differing_config, find_runs, 
 DEFAULT_MONITOR = ("loss", "min")  # every task's validation loss: for runs of older code that have not finished
 
 
-def monitored(runs: list) -> tuple:
-    """The metric the runs are compared by and which way is better: what the first run monitored (checkpoint.monitor,
-    else its task's main metric), as its summary or its first line says; else the validation loss."""
-    for run in runs:
-        if run.summary is not None and "mode" in run.summary:
-            return run.summary["monitor"], run.summary["mode"]
-    return next((run.monitored for run in runs if run.monitored is not None), DEFAULT_MONITOR)
+def judged_by(run) -> tuple:
+    """The metric a run is ranked by and which way is better: what it monitored (checkpoint.monitor, else its task's
+    main metric), as its summary or its first line says; else the validation loss (runs of older code)."""
+    if run.summary is not None and "mode" in run.summary:
+        return run.summary["monitor"], run.summary["mode"]
+    return run.monitored or DEFAULT_MONITOR
 
 
 def median_of(lines: list, key: str) -> float | None:
@@ -107,7 +107,8 @@ def plot_curves(runs: list, labels: list, monitor: str, path: Path) -> None:
 
 def report(paths: list, out: Path) -> list:
     """Print the table of the runs under `paths`, best first, and write report.csv and curves.png into `out`; runs
-    of several tasks (an outputs/ folder, say) get a table each, and their files go into `out`/<task>/."""
+    of several tasks (an outputs/ folder, say) get a table each, and their files go into `out`/<task>/; so do a
+    task's runs judged by different metrics (checkpoint.monitor), into `out`/<task>-<metric>/."""
     folders, silent = find_runs(paths)
     by_task, unreadable = {}, []
     for folder in folders:
@@ -116,14 +117,17 @@ def report(paths: list, out: Path) -> list:
         except UnreadableRunError as error:
             unreadable.append(str(error))
             continue
-        by_task.setdefault(task_of(run), []).append(run)
+        by_task.setdefault((task_of(run), judged_by(run)), []).append(run)
     if not by_task:
         raise NoRunsError(f"no run can be read: {'; '.join(unreadable)}")
     rows = []
-    for task, runs in by_task.items():
+    judged = Counter(task for task, _ in by_task)  # a task's runs judged by different metrics share no ranking
+    for (task, (metric, _)), runs in by_task.items():
+        several = judged[task] > 1
         if len(by_task) > 1:
-            print(f"task {task}:")
-        rows += report_runs(runs, out / task if len(by_task) > 1 else out)
+            print(f"task {task}" + (f", runs judged by {metric}:" if several else ":"))
+        name = f"{task}-{metric}" if several else task
+        rows += report_runs(runs, out / name if len(by_task) > 1 else out)
     print("examples/s, tokens/s: median over the logged steps; peak GB: on a GPU the memory of tensors, else the")
     print("process's peak resident set size")
     if silent:
@@ -140,7 +144,7 @@ def task_of(run) -> str:
 
 def report_runs(runs: list, out: Path) -> list:
     """The table of `runs` (one task's), best first, and its report.csv and curves.png in `out`."""
-    monitor, mode = monitored(runs)
+    monitor, mode = judged_by(runs[0])  # the same for all (report groups them so)
     entries = [(row(run, label, monitor, mode), run, label) for run, label in zip(runs, differing_config(runs))]
     entries = best_first(entries, mode)
     rows = [entry[0] for entry in entries]

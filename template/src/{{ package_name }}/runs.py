@@ -58,6 +58,14 @@ def is_run(folder: Path) -> bool:
     return (folder / ".hydra" / "config.yaml").is_file() and (folder / METRICS_FILE).is_file()
 
 
+def is_evaluation(folder: Path) -> bool:
+    """A folder that evaluate.py wrote: its config has the key `split`, which train.py's has not."""
+    try:
+        return "split" in (_yaml(folder / ".hydra" / "config.yaml") or {})
+    except UnreadableRunError:
+        return False
+
+
 def find_runs(paths: list) -> tuple:
     """The run folders that `paths` name or hold, each once, in the order given (and by path below a folder); and
     the folders with a config but no metrics file (a run that failed before its first logged step, or is starting)."""
@@ -73,9 +81,14 @@ def find_runs(paths: list) -> tuple:
                 "as `python train.py` writes them)"
             )
         found += [run for run in runs if run not in found]
-        # A folder with runs below it is a sweep's (it has a .hydra of its own), not a run that failed.
+        # A folder with runs below it is a sweep's (it has a .hydra of its own), not a run that failed; evaluate.py's
+        # folders hold no metrics file at all.
         silent += [
-            folder for folder in below if folder not in runs + silent and not any(folder in run.parents for run in runs)
+            folder
+            for folder in below
+            if folder not in runs + silent
+            and not any(folder in run.parents for run in runs)
+            and not is_evaluation(folder)
         ]
     return found, silent
 
@@ -109,10 +122,12 @@ def latest_per_step(lines: list) -> list:
 
 def load_run(folder: Path) -> RunRecord:
     folder = Path(folder)
-    config = flatten(_yaml(folder / ".hydra" / "config.yaml") or {})
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = (_yaml(overrides_file) or []) if overrides_file.is_file() else []
     lines = read_lines(folder / METRICS_FILE)
+    # The resolved config that the latest start (or resume) logged; .hydra's as written, from older code.
+    resolved = [line["config"] for line in lines if "config" in line]
+    config = flatten(resolved[-1] if resolved else _yaml(folder / ".hydra" / "config.yaml") or {})
     summaries = [line["summary"] for line in lines if "summary" in line]
     return RunRecord(
         folder,
@@ -132,7 +147,7 @@ def differing_config(runs: list) -> list:
     {key: value}; with one run, its command-line overrides."""
     if len(runs) == 1:
         return [dict(override.lstrip("+~").partition("=")[::2] for override in runs[0].overrides)]
-    keys = sorted({key for run in runs for key in run.config})
-    missing = object()
-    differ = [key for key in keys if len({repr(run.config.get(key, missing)) for run in runs}) > 1]
+    # How a run was started (resume, resume_allow) is not what it trained; a key unset is one set to None.
+    keys = sorted({key for run in runs for key in run.config if key not in ("resume", "resume_allow")})
+    differ = [key for key in keys if len({repr(run.config.get(key)) for run in runs}) > 1]
     return [{key: run.config.get(key) for key in differ} for run in runs]

@@ -24,7 +24,7 @@ from datasets import DatasetDict
 from omegaconf import DictConfig
 
 from ..config import ConfigError, MetricMode
-from ..errors import warn
+from ..errors import UserError, warn
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,12 @@ def refuse_wrong_outputs(task: Task, model, batch: dict, target: str) -> None:
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # as if it never ran: no dropout, no RNG drawn
-            logits = task.logits(model, batch)
+            try:
+                logits = task.logits(model, batch)
+            except UserError:
+                raise
+            except Exception:  # a model that cannot run is said where it runs: the preflight checks, the first batch
+                return
             labels, outputs = batch["labels"], task.num_outputs(model)
             if logits.shape[:-1] != labels.shape or logits.size(-1) != outputs:
                 raise ConfigError(
