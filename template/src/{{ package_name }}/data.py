@@ -248,10 +248,14 @@ def counted_per_split(counts: dict, splits: dict) -> str:
     return ", ".join(f"{count} of the {len(splits[name])} of {name}" for name, count in counts.items() if count)
 
 
-def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: tuple = ()) -> DatasetDict:
+def load_splits(
+    cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: tuple = (), blank_refused: bool = False
+) -> DatasetDict:
     """`train` and `validation` (held out of train when data.eval_split is null or the dataset has no other split),
     then any other split the dataset has (a test split, say). `columns` maps the task's config keys to the columns it
-    needs: every split must have them, without empty cells; those of the keys in `text` become strings."""
+    needs: every split must have them, without empty cells; those of the keys in `text` become strings, and with
+    `blank_refused` none may be only spaces (refuse_blank_text; before any split is held out, so a row number is the
+    file's)."""
     raw = load_raw(cfg, builtin)
     if cfg.train_split not in raw:
         raise DataError(f"data.train_split={cfg.train_split!r} is not a split of the dataset; it has {list(raw)}")
@@ -260,6 +264,8 @@ def load_splits(cfg: DictConfig, builtin: dict, seed: int, columns: dict, text: 
             dataset = dataset.flatten()  # a field by its dotted name: translation.en of WMT's {"en": ..., "de": ...}
         require_columns(dataset, columns)
         raw[name] = as_text(dataset, {key: columns[key] for key in text})
+        if blank_refused:
+            refuse_blank_text(raw[name], {key: columns[key] for key in text})
     if cfg.eval_split in raw:
         splits = {"train": raw[cfg.train_split], "validation": raw[cfg.eval_split]}
     elif cfg.eval_split is not None and len(raw) > 1:  # a typo, or a split to choose: holding out would hide it
