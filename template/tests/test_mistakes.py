@@ -80,6 +80,12 @@ MISTAKES = [
         "trainer.early_stopping_patience=1 counts evaluations during training, and trainer.eval_every_n_steps=50 with",
         code=0,
     ),
+    Mistake(  # trains; it ran SGD at the task's AdamW rate without a word, where optimizer=sgd brings sgd.yaml's
+        "optimizer by name, not by group",
+        [TOY, "optimizer.name=sgd", "trainer.max_steps=1"],
+        "optimizer.name=sgd keeps the lr and weight decay of optimizer=adamw (lr ",
+        code=0,
+    ),
     Mistake(  # trains, and says why the learning rate stays low: a short run under a task's warmup, say
         "warmup longer than the run",
         [TOY, "scheduler=linear", "scheduler.warmup_steps=100", "trainer.max_steps=2"],

@@ -598,6 +598,14 @@ def idle_settings(cfg: DictConfig) -> list:
             f"and trainer.eval_every_n_steps={trainer.eval_every_n_steps} with trainer.max_steps={trainer.max_steps} "
             "evaluates only at the end: it never stops this run"
         )
+    # optimizer.name=sgd keeps the values of the group chosen (adamw.yaml leaves lr and weight decay to the task, tuned
+    # for AdamW); optimizer=sgd brings sgd.yaml's.
+    group = HydraConfig.get().runtime.choices.get("optimizer") if HydraConfig.initialized() else None
+    if group is not None and cfg.optimizer.name.value != group:
+        idle.append(
+            f"optimizer.name={cfg.optimizer.name.value} keeps the lr and weight decay of optimizer={group} "
+            f"(lr {cfg.optimizer.lr}); optimizer={cfg.optimizer.name.value} brings its own file's"
+        )
     return idle
 
 
