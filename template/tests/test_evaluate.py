@@ -42,14 +42,16 @@ def test_an_export_evaluates_with_the_seed_and_task_settings_it_was_trained_with
     pkg, make_config, toys, tmp_path, task
 ):
     """evaluate.py given the model folder and the data only: the run's seed, which drew its held-out validation split
-    (the command's default drew other rows, most of them trained on), and the run's task.* settings come with the
-    export."""
+    (the command's default drew other rows, most of them trained on), the run's task.* settings and its mixed
+    precision (bf16 changed the last digits of every metric) come with the export."""
     overrides = [*toys(task), "~data.files.validation", "trainer.seed=7", "trainer.max_steps=6"]
+    overrides.append("trainer.mixed_precision=bf16")
     trained = pkg.loop.train(make_config(*overrides), tmp_path / "train")
 
     reset_accelerate_state()
     exported = f"model.name_or_path='{tmp_path / 'train' / 'model'}'"
-    command = [o for o in overrides if not o.startswith(("task.", "trainer.seed", "model.name_or_path"))]
+    taken = ("task.", "trainer.seed", "trainer.mixed_precision", "model.name_or_path")
+    command = [o for o in overrides if not o.startswith(taken)]
     result = pkg.loop.evaluate_saved(make_config(*command, exported, config_name="evaluate"), tmp_path / "evaluated")
     assert result["metrics"] == trained["metrics"]
 

@@ -614,12 +614,15 @@ def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], N
         raise
 
 
+TAKEN_FROM_THE_COMMAND_LINE = ("trainer.seed", "data.eval_fraction", "trainer.mixed_precision")  # else the run's
+
+
 def take_run_settings(cfg: DictConfig, saved: dict | None, command_line: list) -> bool:
     """evaluate.py: the settings of the run that saved the model (`saved`, its config; None from older code) replace
     the command's, but for those its command line sets: the task (task.max_length, ...), the seed and fraction that
-    drew a held-out validation split, and the model config (a checkpoint's whole model; your own module's
-    model.config, which no weight records). A transformers export keeps its architecture in its config.json.
-    `command_line`: the overrides of the evaluate.py command."""
+    drew a held-out validation split, the mixed precision it computed in, and the model config (a checkpoint's whole
+    model; your own module's model.config, which no weight records). A transformers export keeps its architecture in
+    its config.json. `command_line`: the overrides of the evaluate.py command."""
     if saved is None:
         return False
     saved, command = OmegaConf.create(saved), cfg.copy()
@@ -627,12 +630,15 @@ def take_run_settings(cfg: DictConfig, saved: dict | None, command_line: list) -
     with open_dict(cfg):  # replaced, not merged: nothing of the default task or model stays
         cfg.task = saved.task
         cfg.trainer.seed, cfg.data.eval_fraction = saved.trainer.seed, saved.data.eval_fraction
+        # The precision it computed in (bf16 changes the last digits of every metric); fp16 needs a GPU here too.
+        if saved.trainer.mixed_precision != "fp16" or torch.cuda.is_available():
+            cfg.trainer.mixed_precision = saved.trainer.mixed_precision
         if cfg.checkpoint_path is not None:
             cfg.model = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved.model)
         elif saved.model._target_ is not None:  # your own module's export: its class and arguments
             cfg.model._target_, cfg.model.model_type, cfg.model.config = saved.model._target_, None, saved.model.config
         for key in given:
-            if key.startswith(("task.", "model.config.")) or key in ("trainer.seed", "data.eval_fraction"):
+            if key.startswith(("task.", "model.config.")) or key in TAKEN_FROM_THE_COMMAND_LINE:
                 OmegaConf.update(cfg, key, OmegaConf.select(command, key), force_add=True)
     return True
 
