@@ -98,12 +98,26 @@ def load_files(split: str, pattern: Path, paths: list) -> Dataset:
     """The files of one split (`paths`, which `pattern` matched) as one dataset, read file by file so that a
     message names the file that is wrong."""
     parts = [load_file(split, path) for path in paths]
-    for path, part in zip(paths[1:], parts[1:]):
-        if part.features != parts[0].features:
+    # Shards of one split often differ in columns nobody reads (an optional field some files lack, or that is empty
+    # throughout one file): keep the columns every file has, cast to the first file's types where they cast.
+    shared = [column for column in parts[0].column_names if all(column in part.column_names for part in parts)]
+    left_out = sorted({column for part in parts for column in part.column_names} - set(shared))
+    if left_out:
+        warn(logger, f"data.files.{split}={pattern}: columns not in every file are left out: {left_out}")
+    parts = [part.select_columns(shared) for part in parts]
+    features = parts[0].features.copy()  # the first file's types, but where a column is all null there
+    for column in shared:
+        typed = [part.features[column] for part in parts if getattr(part.features[column], "dtype", "") != "null"]
+        features[column] = typed[0] if typed else features[column]
+    for index, (path, part) in enumerate(zip(paths, parts)):
+        try:
+            parts[index] = part if part.features == features else part.cast(features)
+        except (ValueError, TypeError, pa.ArrowException):
             raise DataError(
-                f"data.files.{split}={pattern}: its files differ in columns or types: {paths[0].name} has "
-                f"{_columns(parts[0])}, {path.name} has {_columns(part)}"
-            )
+                f"data.files.{split}={pattern}: its files differ in column types: {paths[0].name} has "
+                f"{_columns(parts[0])}, {path.name} has {_columns(part)}; make them the same, or name the files of "
+                "each kind under a split of their own"
+            ) from None
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
