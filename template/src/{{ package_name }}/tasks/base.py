@@ -248,7 +248,8 @@ def refuse_wrong_outputs(task: Task, model, batch: dict, target: str) -> None:
             f"model._target_={target}: its scores at a position change with {task.predicted_in_order[0]} it may not "
             "see there, so it reads what it is to predict: let each position see only those before it (a causal mask)"
         )
-    own_loss = returned[0].get("loss") if isinstance(returned[0], Mapping) else getattr(returned[0], "loss", None)
+    output = returned[0] if returned else None  # none where a task's `logits` calls no forward of the model's own
+    own_loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     if own_loss is not None:
         warn(
             logger,
