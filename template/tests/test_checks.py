@@ -222,26 +222,11 @@ class Top1Router(torch.nn.Module):
         return hidden * weight * self.experts[top.indices]
 
 
-class BehindAZeroLayer(torch.nn.Module):
-    """A gain whose output passes through a layer initialized to zero (as an output layer is, for a uniform start):
-    its gradient is zero and changing it alone changes nothing, until the layer after it learns."""
-
-    def __init__(self):
-        super().__init__()
-        self.gain = torch.nn.Parameter(torch.ones(1))
-        self.out = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, hidden):
-        return hidden + hidden * self.gain * self.out
-
-
 @pytest.mark.parametrize(
     "extra, weight, warned",
     [
         # It gets its gradient in .grad, from the backward inside: counted, and no warning.
         (GainThroughOwnBackward, "gain.weight", None),
-        # It learns once the zero layer does: no advice to freeze it (it was called unused).
-        (BehindAZeroLayer, "gain", None),
         # The padding row is constant by design; the other rows go unused.
         (PaddingIds, "embedding.weight", "unused"),
         # It will not learn (a warning), but nothing cut its gradient off.

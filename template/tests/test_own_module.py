@@ -1,9 +1,11 @@
 """Your own module (model._target_) as a researcher first writes it, for every task: the mistakes that trained without
 an error, or failed late with a traceback, are refused before the first step with one message naming the fix."""
 
+import importlib
+
 import pytest
 import torch
-from conftest import TASKS, run_in_process
+from conftest import PACKAGE, TASKS, compose_config, run_in_process
 
 
 class Scores(torch.nn.Module):
@@ -30,7 +32,7 @@ class Scores(torch.nn.Module):
         self.reads_ahead, self.own_loss, self.returns = reads_ahead, own_loss, returns
 
     def forward(self, **inputs):
-        # The sequence it predicts: the labels a seq2seq task passes, else the tokens of a causal LM.
+        # The sequence it predicts: the labels a task of texts out passes, else the tokens of a language model.
         sequence = inputs.get("labels", inputs.get("input_ids"))
         first = next(iter(inputs.values()))
         shape = sequence.shape if self.per_token else first.shape[:1]
@@ -47,12 +49,17 @@ class Scores(torch.nn.Module):
         return input_ids  # a task of texts out asks for one
 
 
+import_target = importlib.import_module(f"{PACKAGE}.config").import_target
+
+
 def own_module(toy: list, tmp_path, *config: str) -> list:
     target = f"model._target_={__name__}.Scores"
     return [*toy, "model.name_or_path=null", "model.model_type=null", target, *config, f"hydra.run.dir={tmp_path}"]
 
 
-ORDERED = {"causal_lm", "seq2seq"}  # the tasks that predict a sequence in order (Task.predicted_in_order)
+def predicts_in_order(task: str) -> bool:
+    """Whether the task predicts a sequence in order (Task.predicted_in_order): a position must not read ahead."""
+    return import_target("task._target_", compose_config(f"task={task}").task._target_).predicted_in_order is not None
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -70,7 +77,7 @@ ORDERED = {"causal_lm", "seq2seq"}  # the tasks that predict a sequence in order
     ],
 )
 def test_own_module_mistakes_are_refused_before_the_first_step(task, config, message, toys, tmp_path, capsys):
-    if "reads_ahead" in config[0] and task not in ORDERED:
+    if "reads_ahead" in config[0] and not predicts_in_order(task):
         pytest.skip("a classifier predicts no sequence: nothing to read ahead")
     code, output = run_in_process("train.py", own_module(toys(task), tmp_path / "run", *config), capsys)
     assert code == 1 and message in output, output

@@ -45,7 +45,7 @@ class Task:
     stratify_by: ClassVar[str | None] = None
     # For tasks that predict a sequence in order, (key, seen): the scores at position t may read batch[key] only at
     # positions before t + seen. ("input_ids", 1) for a causal LM: tokens up to t predict token t + 1; ("labels", 0)
-    # for a seq2seq decoder: the labels before t predict label t. Checked on your own module before it trains: one
+    # for an encoder-decoder: the labels before t predict label t. Checked on your own module before it trains: one
     # that reads what it is to predict reaches a perplexity near 1 and learns nothing. None: no order.
     predicted_in_order: ClassVar[tuple | None] = None
 
