@@ -66,6 +66,9 @@ def installed_trackers() -> list:
 
 
 def make_accelerator(cfg: DictConfig, run_dir: Path) -> Accelerator:
+    """The Accelerator of one run or evaluation, of its own settings: a run before it in this process (a job of
+    train.py -m, a sweep's trial) left Accelerate's process-wide singletons set."""
+    launch.reset_accelerate_state()
     installed = installed_trackers()
     if cfg.log_with not in installed:  # Accelerate would leave it out without a word
         raise ConfigError(
@@ -363,7 +366,6 @@ def setup(cfg: DictConfig, run_dir: Path) -> Run:
     """Build everything the run needs, in an order that makes it reproducible; resume if asked to."""
     validate(cfg)
     run_folder.refuse_reuse(run_dir, cfg.resume)  # train.py's Hydra callback checked already; loop.train callers not
-    launch.reset_accelerate_state()  # a run before this one in the process (a job of train.py -m) left its settings
     trainer = cfg.trainer
     if trainer.deterministic:  # needed by deterministic cuBLAS; must be set before CUDA starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -614,7 +616,9 @@ def train(cfg: DictConfig, run_dir: Path, on_evaluation: Callable[[int, dict], N
         raise
 
 
-TAKEN_FROM_THE_COMMAND_LINE = ("trainer.seed", "data.eval_fraction", "trainer.mixed_precision")  # else the run's
+# The run's settings, beside task.* and model.config.*, that evaluate.py takes from a saved run unless its command
+# line sets them.
+RUN_SETTINGS = ("trainer.seed", "data.eval_fraction", "trainer.mixed_precision")
 
 
 def take_run_settings(cfg: DictConfig, saved: dict | None, command_line: list) -> bool:
@@ -638,7 +642,7 @@ def take_run_settings(cfg: DictConfig, saved: dict | None, command_line: list) -
         elif saved.model._target_ is not None:  # your own module's export: its class and arguments
             cfg.model._target_, cfg.model.model_type, cfg.model.config = saved.model._target_, None, saved.model.config
         for key in given:
-            if key.startswith(("task.", "model.config.")) or key in TAKEN_FROM_THE_COMMAND_LINE:
+            if key.startswith(("task.", "model.config.")) or key in RUN_SETTINGS:
                 OmegaConf.update(cfg, key, OmegaConf.select(command, key), force_add=True)
     return True
 

@@ -166,8 +166,7 @@ def train_in(folder: Path, overrides: list, cfg) -> None:
         OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
         (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
         cfg.resume = "latest"  # a fresh run if the folder has no checkpoint
-        launch.reset_accelerate_state()  # the previous run's Accelerator settings must not carry over
-        train(cfg, folder)
+        train(cfg, folder)  # with an Accelerator of its own settings (loop.make_accelerator)
     finally:
         lock.close()
 

@@ -389,7 +389,6 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{self.monitor} {metrics[self.monitor]:.4g} at step {step}")
 
-        launch.reset_accelerate_state()
         try:
             cfg = trial_config(self.base, values)  # a value inside a range may make no run (hidden size 63 of 4 heads)
             write_trial_config(trial_dir, cfg, values)
